@@ -1,0 +1,123 @@
+"""train_gpt.py run as a user runs it: a whole tiny run and its outputs, EVAL_ONLY reproducing the
+score, the wall-clock cap, compile warm-up leaving no trace, 1 process against 2 under torchrun,
+and one clear line for each kind of bad input."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from conftest import log_values, run_script, tiny_env
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    proc = run_script(tiny_env(tiny_data, out, MATRX_LR="0.5"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_run_writes_every_output(finished_run):
+    out, proc = finished_run
+    assert sorted(p.name for p in out.iterdir()) == ["model.ptz", "submission.json", "train.log"]
+    sub = json.loads((out / "submission.json").read_text())
+    for key in ("name", "author", "github_id", "blurb", "date", "track", "val_loss", "val_bpb", "bytes_total",
+                "bytes_model", "bytes_code", "seed", "steps", "step_avg_ms", "train_seconds", "eval_seconds",
+                "hardware", "pytorch_version", "preset", "hyperparameters", "compliance"):
+        assert key in sub, key
+    assert math.isfinite(sub["val_bpb"]) and 0 < sub["val_bpb"] < 10
+    assert sub["steps"] == 5 and sub["bytes_model"] == (out / "model.ptz").stat().st_size
+    assert sub["bytes_total"] == sub["bytes_model"] + sub["bytes_code"]
+    log = (out / "train.log").read_text()
+    assert log.startswith("hyperparameters:\n  ADAM_EPS=")
+    assert "def main()" in log  # the source is in the log
+    assert len(log_values(log, "train_loss")) == 5
+    assert f"val_bpb:{sub['val_bpb']:.8f}" in log
+    assert log_values(log, "val_tokens")[-1] == str(sub["val_tokens"])
+    assert "did you mean MATRIX_LR" in proc.stderr and "did you mean MATRIX_LR" in log
+
+
+def test_eval_only_reproduces_the_score(finished_run, tiny_data, tmp_path):
+    out, _ = finished_run
+    env = tiny_env(tiny_data, tmp_path, EVAL_ONLY=1, ARTIFACT=out / "model.ptz", NUM_LAYERS=3)
+    proc = run_script(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sub = json.loads((out / "submission.json").read_text())
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["val_bpb"] == sub["val_bpb"] and ev["val_loss"] == sub["val_loss"]
+    assert "using the artifact's" in proc.stdout  # NUM_LAYERS=3 differs from the artifact: said so
+
+
+def test_wallclock_cap_stops_training(tiny_data, tmp_path):
+    proc = run_script(tiny_env(tiny_data, tmp_path, ITERATIONS=1_000_000, MAX_WALLCLOCK_SECONDS=3))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopping_early: wallclock_cap" in proc.stdout
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert 3 <= sub["train_seconds"] < 6 and sub["steps"] < 1_000_000
+
+
+def test_compile_warmup_leaves_no_trace(tiny_data, tmp_path):
+    a = run_script(tiny_env(tiny_data, tmp_path / "a", COMPILE_WARMUP_STEPS=0))
+    b = run_script(tiny_env(tiny_data, tmp_path / "b", COMPILE_WARMUP_STEPS=3))
+    assert a.returncode == b.returncode == 0, b.stderr[-3000:]
+    assert "compile_warmup: 3 steps" in b.stdout
+    assert log_values(a.stdout, "train_loss") == log_values(b.stdout, "train_loss")
+    assert log_values(a.stdout, "val_bpb") == log_values(b.stdout, "val_bpb")
+
+
+def test_two_processes_match_one(tiny_data, tmp_path):
+    one = run_script(tiny_env(tiny_data, tmp_path / "one"))
+    two = run_script(tiny_env(tiny_data, tmp_path / "two"), nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert "world 1 x accum 8" in one.stdout and "world 2 x accum 4" in two.stdout
+    l1 = [float(v) for v in log_values(one.stdout, "train_loss")]
+    l2 = [float(v) for v in log_values(two.stdout, "train_loss")]
+    assert len(l1) == len(l2) == 5
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 2e-3, (l1, l2)
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_missing_data_directory(tiny_data, tmp_path):
+    line = one_error_line(run_script(tiny_env(tiny_data, tmp_path / "out", DATA_PATH=tmp_path / "nowhere")))
+    assert str(tmp_path / "nowhere") in line and "build_shards.py" in line and "download_fineweb.py" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_shard(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = data / "fineweb_train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    line = one_error_line(run_script(tiny_env(tiny_data, tmp_path / "out", DATA_PATH=data)))
+    assert str(shard) in line and "truncated" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_size_disagrees(tiny_data, tmp_path):
+    line = one_error_line(run_script(tiny_env(tiny_data, tmp_path / "out", VOCAB_SIZE=1024)))
+    assert "VOCAB_SIZE=1024" in line and "320 pieces" in line
+
+
+def test_unwritable_out_dir(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    line = one_error_line(run_script(tiny_env(tiny_data, tmp_path / "file" / "out")))
+    assert "OUT_DIR" in line and "not writable" in line
+
+
+def test_corrupt_artifact_in_eval_only(finished_run, tiny_data, tmp_path):
+    out, _ = finished_run
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes((out / "model.ptz").read_bytes()[:-50])
+    line = one_error_line(run_script(tiny_env(tiny_data, tmp_path / "o", EVAL_ONLY=1, ARTIFACT=bad)))
+    assert str(bad) in line and "truncated" in line
+    line = one_error_line(run_script(tiny_env(tiny_data, tmp_path / "o", EVAL_ONLY=1, ARTIFACT=tmp_path / "none.ptz")))
+    assert "cannot be read" in line

@@ -1,0 +1,1538 @@
+"""train_gpt.py: one file that trains, packs and scores a Parameter Golf submission.
+
+The OpenAI Parameter Golf challenge asks for the language model with the lowest bits per byte
+(val_bpb) on the FineWeb validation split whose artifact (compressed weights plus this script's own
+bytes) is at most 16,000,000 bytes, trained in at most 600 s on 8xH100 and evaluated in at most
+another 600 s. This script does all of it: read token shards, train, quantise, pack, write the
+artifact, read it back, and score what was written.
+
+Launch lines
+    8xH100:      torchrun --standalone --nproc_per_node=8 train_gpt.py
+    one GPU:     python train_gpt.py                     (same global batch, 8 accumulation steps)
+    CPU smoke:   PRESET=smoke torchrun --standalone --nproc_per_node=2 train_gpt.py
+    re-score:    EVAL_ONLY=1 ARTIFACT=runs/<id>/model.ptz python train_gpt.py
+    tests:       python -m pytest -q tests
+
+Configuration is environment variables only (the challenge's convention): every knob is a field of
+`Hyperparameters` below, its variable is the field name in upper case, `PRESET=<name>` selects a
+bundle of defaults, and an explicitly set variable always wins over the preset. The log starts with
+every effective value, so the log (not a README) is the record of what a run did.
+
+Limits this file works under: it stays one file (the challenge counts its bytes), runs on CUDA or
+CPU (the CPU path is first-class, for tests and the sample run), imports nothing optional at module
+level (FlashAttention is looked up when a run starts), and `import train_gpt` has no side effects.
+
+Sections, each using only those above it:
+    1. errors and small utilities      6. optimisers and schedules
+    2. hyperparameters and presets     7. evaluation (val_bpb)
+    3. device and processes            8. quantisation and the artifact
+    4. data: shards, loader, bytes     9. logging and outputs
+    5. the model                       10. training, scoring, main()
+"""
+
+import copy
+import dataclasses
+import datetime
+import difflib
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import struct
+import sys
+import tempfile
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =================================================================================================
+# 1. ERRORS AND SMALL UTILITIES
+# A competitor pays for every minute of a rented machine, so bad input must stop the run at once
+# with one line that names what is wrong and how to fix it. Every such condition raises UserError;
+# main() prints its message alone (no traceback) and exits with status 2.
+# =================================================================================================
+
+
+class UserError(Exception):
+    """Bad input from the person running the script: printed as one line, exit status 2."""
+
+
+class ConfigError(UserError):
+    """A variable has a bad value or the variables contradict each other."""
+
+
+class DataError(UserError):
+    """A shard, the data directory or the tokenizer is missing or wrong."""
+
+
+class ArtifactError(UserError):
+    """An artifact file is truncated, corrupt, foreign or of another version."""
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+    A run stopped at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# =================================================================================================
+# 2. HYPERPARAMETERS AND PRESETS
+# One dataclass holds every knob. `Hyperparameters.from_env(mapping)` starts from the field
+# defaults, applies the preset, then the explicitly set variables, and checks every value's type
+# and range. Unknown variables close to a known name get a warning with the suggestion, because a
+# typo that is silently ignored costs a whole paid run.
+# =================================================================================================
+
+
+def knob(default, help: str, *, lo=None, hi=None, choices=None):
+    """A hyperparameter field: default, one-line help, and the accepted range or choices."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+
+
+@dataclass
+class Hyperparameters:
+    # --- run and outputs
+    preset: str = knob("baseline", "bundle of defaults (PRESETS below); explicit variables win")
+    run_id: str = knob("", "run name; empty = <date>_<time>_<preset>")
+    out_dir: str = knob("", "output directory; empty = runs/<RUN_ID>")
+    seed: int = knob(1337, "seed for initialisation (same on every rank)", lo=0)
+    eval_only: bool = knob(False, "load ARTIFACT and run the evaluation stages only")
+    artifact: str = knob("", "artifact to score when EVAL_ONLY=1")
+    # --- data
+    data_path: str = knob("./data/datasets/fineweb10B_sp1024", "directory of fineweb_{train,val}_*.bin shards")
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of the shards")
+    vocab_size: int = knob(1024, "vocabulary size; must equal the tokenizer's", lo=2, hi=65536)
+    # --- model shape (SPEC section 2, reference shape)
+    num_layers: int = knob(11, "transformer blocks", lo=1, hi=64)
+    model_dim: int = knob(512, "residual width", lo=8)
+    num_heads: int = knob(8, "query heads", lo=1)
+    num_kv_heads: int = knob(4, "key/value heads (grouped-query attention)", lo=1)
+    mlp_mult: int = knob(4, "MLP hidden width = MLP_MULT * MODEL_DIM", lo=1, hi=16)
+    tie_embeddings: bool = knob(True, "output head = token embedding")
+    tied_embed_init_std: float = knob(0.005, "init std of the tied embedding", lo=0.0)
+    logit_softcap: float = knob(30.0, "logits = c*tanh(z/c); 0 = off", lo=0.0)
+    rope_base: float = knob(10000.0, "RoPE base (never rescaled with the sequence length)", lo=1.0)
+    qk_gain_init: float = knob(1.5, "initial per-head gain on q after QK-norm and RoPE", lo=0.0)
+    unet_skips: bool = knob(True, "first half of the layers feeds the second half, weighted per dim")
+    # --- training length and batch
+    iterations: int = knob(20000, "maximum optimizer steps", lo=1)
+    max_wallclock_seconds: float = knob(600.0, "training-time cap in seconds; 0 = no cap", lo=0.0)
+    train_batch_tokens: int = knob(786432, "global batch in tokens (independent of the world size)", lo=1)
+    train_seq_len: int = knob(2048, "training sequence length", lo=2)
+    grad_accum_steps: int = knob(0, "micro-steps per step; 0 = 8 // WORLD_SIZE", lo=0)
+    compile_warmup_steps: int = knob(20, "compile warm-up steps on random tokens, then undone", lo=0)
+    # --- optimisation (SPEC section 3)
+    matrix_lr: float = knob(0.04, "Muon learning rate for block matrices", lo=0.0)
+    scalar_lr: float = knob(0.04, "Adam learning rate for scales, gains, mixes", lo=0.0)
+    tied_embed_lr: float = knob(0.05, "Adam learning rate for the tied embedding", lo=0.0)
+    embed_lr: float = knob(0.6, "Adam learning rate for the untied input embedding", lo=0.0)
+    head_lr: float = knob(0.008, "Adam learning rate for the untied output head", lo=0.0)
+    beta1: float = knob(0.9, "Adam beta1", lo=0.0, hi=1.0)
+    beta2: float = knob(0.95, "Adam beta2", lo=0.0, hi=1.0)
+    adam_eps: float = knob(1e-8, "Adam epsilon", lo=0.0)
+    muon_momentum: float = knob(0.95, "Muon momentum after warm-up", lo=0.0, hi=1.0)
+    muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at step 0", lo=0.0, hi=1.0)
+    muon_momentum_warmup_steps: int = knob(500, "steps of linear momentum warm-up; 0 = none", lo=0)
+    muon_backend_steps: int = knob(5, "Newton-Schulz iterations", lo=1, hi=20)
+    warmup_steps: int = knob(0, "linear learning-rate warm-up steps", lo=0)
+    warmdown_iters: int = knob(1200, "linear warm-down over the last N steps (wall-clock aware)", lo=0)
+    warmdown_frac: float = knob(0.0, "if > 0: warm down over this fraction of the budget instead", lo=0.0, hi=1.0)
+    min_lr: float = knob(0.0, "learning-rate multiplier reached at the end of the warm-down", lo=0.0, hi=1.0)
+    grad_clip_norm: float = knob(0.0, "clip the averaged gradient's global norm; 0 = off", lo=0.0)
+    # --- evaluation
+    eval_seq_len: int = knob(2048, "evaluation window length", lo=2)
+    eval_batch_seqs: int = knob(32, "windows per forward on each rank", lo=1)
+    val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", lo=0)
+    train_log_every: int = knob(200, "log the training loss every N steps (and the first 10)", lo=1)
+    # --- artifact (SPEC section 4)
+    compressor: str = knob("zlib", "artifact compressor", choices=("zlib", "zstd", "brotli", "lzma"))
+    compress_level: int = knob(-1, "compressor level; -1 = the compressor's maximum", lo=-1, hi=22)
+    # --- device
+    device: str = knob("auto", "auto = CUDA when available, else CPU", choices=("auto", "cuda", "cpu"))
+    autocast: str = knob("auto", "bf16 autocast: auto = on CUDA and on CPUs with bf16", choices=("auto", "bf16", "off"))
+    attn_backend: str = knob("auto", "attention kernel", choices=("auto", "flash3", "flash2", "sdpa"))
+    compile: str = knob("auto", "torch.compile the training model: auto = on CUDA only", choices=("auto", "1", "0"))
+    # --- submission metadata
+    submission_name: str = knob("", "name in submission.json; empty = the preset's name")
+    author: str = knob("", "author in submission.json")
+    github_id: str = knob("", "GitHub id in submission.json")
+    blurb: str = knob("", "one-line description in submission.json")
+    track: str = knob("10min_16mb", "challenge track in submission.json")
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def knobs(cls):
+        return [f for f in fields(cls) if "help" in f.metadata]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Hyperparameters":
+        knobs = {f.name.upper(): f for f in cls.knobs()}
+        preset = env.get("PRESET", knobs["PRESET"].default).strip()
+        if preset not in PRESETS:
+            raise ConfigError(f"PRESET={preset!r} is not a preset; choose one of: {', '.join(PRESETS)}")
+        values = {f.name: f.default for f in knobs.values()}
+        sources = dict.fromkeys(values, "default")
+        for name, value in PRESETS[preset].items():
+            values[name], sources[name] = value, f"preset {preset}"
+        for key, f in knobs.items():
+            if key in env:
+                values[f.name], sources[f.name] = parse_knob(key, f, env[key]), "env"
+        values["preset"] = preset
+        for key, f in knobs.items():
+            check_knob(key, f, values[f.name])
+        hp = cls(**values)
+        hp.sources = sources
+        hp.warnings = unknown_variable_warnings(env, knobs)
+        hp.validate()
+        return hp
+
+    def validate(self) -> None:
+        """Checks between variables (the per-variable checks ran in from_env)."""
+        if self.model_dim % self.num_heads:
+            raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"NUM_HEADS={self.num_heads} must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise ConfigError(f"head dim MODEL_DIM/NUM_HEADS={self.model_dim // self.num_heads} must be even for RoPE")
+        if self.train_batch_tokens % self.train_seq_len:
+            raise ConfigError(
+                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.eval_only and not self.artifact:
+            raise ConfigError("EVAL_ONLY=1 needs ARTIFACT=path/to/model.ptz")
+        if self.muon_momentum_warmup_start > self.muon_momentum and self.muon_momentum_warmup_steps:
+            pass  # a decreasing momentum schedule is unusual but legal
+
+    def dump(self) -> list[str]:
+        """Every effective value, sorted, with where it came from (trap 10: the log is the truth)."""
+        return [f"{f.name.upper()}={getattr(self, f.name)!r}  ({self.sources[f.name]})"
+                for f in sorted(self.knobs(), key=lambda f: f.name)]
+
+    def as_dict(self) -> dict:
+        return {f.name.upper(): getattr(self, f.name) for f in self.knobs()}
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def parse_knob(key: str, f, raw: str):
+    """Parse one variable's text into its field's type; the error names the variable."""
+    text = raw.strip()
+    try:
+        if f.type is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if f.type is int:
+            return int(text)
+        if f.type is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        return text
+    except ValueError:
+        kind = {bool: "0 or 1", int: "an integer", float: "a finite number"}[f.type]
+        raise ConfigError(f"{key}={raw!r} is not {kind}{describe_range(f)}") from None
+
+
+def describe_range(f) -> str:
+    lo, hi, choices = f.metadata["lo"], f.metadata["hi"], f.metadata["choices"]
+    if choices:
+        return f" (one of: {', '.join(choices)})"
+    if lo is not None and hi is not None:
+        return f" (accepted: {lo} to {hi})"
+    if lo is not None:
+        return f" (accepted: >= {lo})"
+    return ""
+
+
+def check_knob(key: str, f, value) -> None:
+    lo, hi, choices = f.metadata["lo"], f.metadata["hi"], f.metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not accepted{describe_range(f)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}={value!r} is out of range{describe_range(f)}")
+
+
+# Variables set by launchers and libraries: never reported as typos of ours.
+FOREIGN_VARIABLES = {
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORCHELASTIC_RUN_ID",
+    "NCCL_DEBUG", "TORCH_LOGS", "PYTHONPATH", "PATH", "HOME",
+}
+
+
+def unknown_variable_warnings(env: Mapping[str, str], knobs: Mapping) -> list[str]:
+    """A warning for every variable that looks like a misspelt knob (SPEC section 0)."""
+    warnings = []
+    for key in sorted(env):
+        if key in knobs or key in FOREIGN_VARIABLES:
+            continue
+        if key.upper() in knobs:
+            warnings.append(f"unknown variable {key} is ignored; variables are upper case: did you mean {key.upper()}?")
+            continue
+        match = difflib.get_close_matches(key.upper(), list(knobs), n=1, cutoff=0.8)
+        if match:
+            warnings.append(f"unknown variable {key} is ignored; did you mean {match[0]}?")
+    return warnings
+
+
+# Each preset is a set of defaults; variables not listed keep the field defaults above.
+PRESETS: dict[str, dict] = {
+    # The challenge's naive baseline (SPEC section 7): reported val_bpb 1.2244.
+    "baseline": dict(
+        vocab_size=1024, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=2,
+        train_seq_len=1024, eval_seq_len=1024, train_batch_tokens=524288, qk_gain_init=1.5,
+        matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, muon_momentum=0.95,
+        muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, warmdown_iters=1200,
+        compressor="zlib", compress_level=9,
+    ),
+    # CPU-sized: the sample corpus built by data/build_shards.py (see README), about 3 minutes
+    # end to end on 2 CPU cores, every stage run.
+    "smoke": dict(
+        data_path="./data/sample/shakespeare_sp1024", tokenizer_path="./data/sample/shakespeare_sp1024/tokenizer.model",
+        vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2,
+        train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192, iterations=100000,
+        max_wallclock_seconds=150.0, warmdown_iters=150, val_loss_every=0, train_log_every=50,
+        compile_warmup_steps=0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
+        muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=100,
+        compressor="zlib", compress_level=9,
+    ),
+}
+
+
+# =================================================================================================
+# 3. DEVICE AND PROCESSES
+# One code path for one or many processes: torchrun is detected only when RANK, LOCAL_RANK and
+# WORLD_SIZE are all set. CUDA gets NCCL, bf16 autocast, torch.compile and FlashAttention when it
+# can be imported; the CPU gets gloo and bf16 autocast where the CPU has bf16 instructions. Every
+# choice is logged with its reason.
+# =================================================================================================
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+    autocast_dtype: torch.dtype | None
+    attn_backend: str
+    compile: bool
+    notes: list = field(default_factory=list)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def sync(self) -> None:
+        """Wait for queued device work, so that wall-clock timings are honest on every device."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched_by_torchrun(env: Mapping[str, str]) -> bool:
+    return all(k in env for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_attention_backend(requested: str, device: torch.device, notes: list) -> str:
+    """FlashAttention 3, then 2, then SDPA on CUDA; SDPA on CPU. A forced backend must import."""
+    import importlib.util
+
+    available = {
+        "flash3": device.type == "cuda" and importlib.util.find_spec("flash_attn_interface") is not None,
+        "flash2": device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None,
+        "sdpa": True,
+    }
+    if requested != "auto":
+        if not available[requested]:
+            raise ConfigError(f"ATTN_BACKEND={requested} is not available on {device.type} "
+                              "(install flash-attn on a CUDA machine, or use ATTN_BACKEND=sdpa)")
+        notes.append(f"attention: {requested} (forced by ATTN_BACKEND)")
+        return requested
+    for name in ("flash3", "flash2"):
+        if available[name]:
+            notes.append(f"attention: {name} (importable on CUDA)")
+            return name
+    reason = "CPU" if device.type == "cpu" else "WARNING: no FlashAttention importable on CUDA, slower"
+    notes.append(f"attention: sdpa ({reason})")
+    return "sdpa"
+
+
+def init_runtime(args: Hyperparameters, env: Mapping[str, str]) -> Runtime:
+    distributed = launched_by_torchrun(env)
+    rank = int(env.get("RANK", 0)) if distributed else 0
+    world_size = int(env.get("WORLD_SIZE", 1)) if distributed else 1
+    local_rank = int(env.get("LOCAL_RANK", 0)) if distributed else 0
+    notes = []
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but no CUDA device is visible; use DEVICE=auto or DEVICE=cpu")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        notes.append(f"device: {torch.cuda.get_device_name(device)} (CUDA available)")
+    else:
+        device = torch.device("cpu")
+        notes.append(f"device: cpu x{torch.get_num_threads()} threads "
+                     f"({'DEVICE=cpu' if args.device == 'cpu' else 'no CUDA device'})")
+    if distributed:
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        notes.append(f"processes: {world_size} ({backend})")
+    bf16_ok = use_cuda or cpu_supports_bf16()
+    if args.autocast == "bf16" and not bf16_ok:
+        raise ConfigError("AUTOCAST=bf16 but this CPU has no bf16 support; use AUTOCAST=auto or off")
+    use_bf16 = args.autocast == "bf16" or (args.autocast == "auto" and bf16_ok)
+    notes.append(f"autocast: {'bf16' if use_bf16 else 'off (float32)'} "
+                 f"({'AUTOCAST=' + args.autocast if args.autocast != 'auto' else 'bf16 supported' if bf16_ok else 'no bf16 on this CPU'})")
+    attn = pick_attention_backend(args.attn_backend, device, notes)
+    compile_model = args.compile == "1" or (args.compile == "auto" and use_cuda)
+    notes.append(f"torch.compile: {'on' if compile_model else 'off'} (COMPILE={args.compile})")
+    return Runtime(rank, world_size, local_rank, device, distributed,
+                   torch.bfloat16 if use_bf16 else None, attn, compile_model, notes)
+
+
+# =================================================================================================
+# 4. DATA: SHARDS, THE TRAINING LOADER, BYTES PER TOKEN
+# A shard (SPEC 1.1) is a 256 x int32 header [magic, version, n_tokens, 0...] followed by n uint16
+# token ids. Every mismatch is an error naming the file and the field. The training loader (SPEC 1.4)
+# gives every rank the same stream and a disjoint slice of each span, so one process with 8
+# micro-steps sees exactly what 8 processes see in one. The byte tables (SPEC 1.3) turn token ids
+# into UTF-8 byte counts for val_bpb.
+# =================================================================================================
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+BOS_ID = 1
+
+
+def write_shard(path, tokens) -> None:
+    """Write a shard atomically (used by data/ scripts and tests)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise DataError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    atomic_write_bytes(path, header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+def read_shard_header(path) -> int:
+    """Validate the header and the file size; return the number of tokens."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"{path}: header: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: header magic is {header[0]}, expected {SHARD_MAGIC} (not a token shard)")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: header version is {header[1]}, expected {SHARD_VERSION}")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise DataError(f"{path}: header token count {n} needs a file of {HEADER_BYTES + 2 * n} bytes, "
+                        f"found {size} (truncated or corrupt shard)")
+    return n
+
+
+def read_shard(path, vocab_size: int) -> np.ndarray:
+    """Read a whole shard as uint16, checking the header and that every id is < vocab_size."""
+    n = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    if n and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size} "
+                        "(shards and tokenizer disagree)")
+    return tokens
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+
+
+HOW_TO_GET_DATA = ("build the sample with `python data/build_shards.py --input data/sample/tinyshakespeare.txt "
+                   "--vocab-size 1024 --val-docs 500 --out data/sample/shakespeare_sp1024`, or download FineWeb "
+                   "with `python data/download_fineweb.py --variant sp1024`")
+
+
+def find_shards(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        raise DataError(f"data directory {data_path} (DATA_PATH) not found: {HOW_TO_GET_DATA}")
+    files = shard_files(data_path, split)
+    if not files:
+        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path} (DATA_PATH): {HOW_TO_GET_DATA}")
+    return files
+
+
+def check_train_shards(data_path: str) -> list[str]:
+    """Validate every training shard's header before anything else: fail now, not after 8 minutes."""
+    files = find_shards(data_path, "train")
+    for f in files:
+        read_shard_header(f)
+    return files
+
+
+class TokenStream:
+    """The concatenated training shards as an endless stream; wraps around at the end."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_idx, self.pos = 0, 0
+        self.tokens = read_shard(files[0], vocab_size)
+
+    def _advance(self) -> None:
+        self.file_idx = (self.file_idx + 1) % len(self.files)
+        self.tokens, self.pos = read_shard(self.files[self.file_idx], self.vocab_size), 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self._advance()
+                continue
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes a span of world*(local+1) tokens; rank r uses the r-th slice."""
+
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device):
+        self.stream = TokenStream(files, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.stream.take(self.world_size * (local_tokens + 1))
+        mine = span[self.rank * (local_tokens + 1):(self.rank + 1) * (local_tokens + 1)]
+        chunk = torch.from_numpy(mine.astype(np.int64))
+        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+@dataclass
+class ByteTables:
+    """Per token id: UTF-8 bytes of its text without a leading '▁', whether it has one, and
+    whether it is a boundary (control/unknown/unused: 0 bytes, and no space is added after it)."""
+    base_bytes: torch.Tensor  # (V,) int64
+    leading_space: torch.Tensor  # (V,) bool
+    boundary: torch.Tensor  # (V,) bool
+
+    def to(self, device) -> "ByteTables":
+        return ByteTables(self.base_bytes.to(device), self.leading_space.to(device), self.boundary.to(device))
+
+    def count(self, prev_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Bytes of each target: base + 1 for a leading space unless the previous token is a boundary."""
+        space = self.leading_space[target_ids] & ~self.boundary[prev_ids]
+        return self.base_bytes[target_ids] + space.long()
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer {path} (TOKENIZER_PATH) not found: {HOW_TO_GET_DATA}")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"tokenizer {path} (TOKENIZER_PATH) cannot be loaded: {e}") from None
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}: "
+                        "set VOCAB_SIZE to the tokenizer's size or point TOKENIZER_PATH at the shards' tokenizer")
+    return sp
+
+
+def build_byte_tables(sp) -> ByteTables:
+    """SPEC 1.3. A tokenizer without '▁' as a piece of its own inflates val_bpb's denominator (#897)."""
+    V = sp.vocab_size()
+    base = np.zeros(V, dtype=np.int64)
+    space = np.zeros(V, dtype=bool)
+    boundary = np.zeros(V, dtype=bool)
+    for i in range(V):
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+            boundary[i] = True
+            continue
+        if sp.IsByte(i):  # <0xNN>: exactly one byte, not the length of its text (#1289)
+            base[i] = 1
+            continue
+        piece = sp.IdToPiece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    if sp.PieceToId("\u2581") == sp.unk_id():
+        raise DataError("the tokenizer has no '▁' piece of its own; val_bpb would be wrong (challenge issue #897)")
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def load_validation(args: Hyperparameters) -> torch.Tensor:
+    files = find_shards(args.data_path, "val")
+    tokens = np.concatenate([read_shard(f, args.vocab_size) for f in files])
+    if len(tokens) < 2:
+        raise DataError(f"validation shards in {args.data_path} hold {len(tokens)} tokens; need at least 2")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+# =================================================================================================
+# 5. THE MODEL
+# The naive baseline's transformer (SPEC section 2): GQA attention with RoPE and QK-norm plus a
+# learnable per-head gain, weightless RMSNorm, relu^2 MLP, per-dim residual scales, resid_mix with
+# the normalised input embedding x0, U-Net skips with per-dim weights, tied embeddings and a tanh
+# logit softcap. Weights stay float32; matrix products run in bf16 under autocast.
+# =================================================================================================
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """RoPE with half-split pairing. Frequencies use the rotated width and a fixed base: nothing is
+    rescaled with the sequence length (trap 6). No buffers, so DDP has nothing to broadcast."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim, self.base = dim, base
+
+    def forward(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2) float32
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, D); rotate pairs (x[i], x[i + D/2])."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """q: (B, T, H, D), k and v: (B, T, Hkv, D) -> (B, T, H, D). Query head h uses kv head h // (H/Hkv)."""
+    if backend == "flash3":
+        from flash_attn_interface import flash_attn_func
+
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    if backend == "flash2":
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v, causal=True)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, args: Hyperparameters, attn_backend: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
+        self.head_dim = args.model_dim // args.num_heads
+        self.attn_backend = attn_backend
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(args.model_dim, args.model_dim, bias=False)
+        self.c_k = nn.Linear(args.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(args.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(args.model_dim, args.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_rotary(rms_norm(k), cos, sin)
+        y = causal_attention(q, k, v, self.attn_backend)  # (B, T, H, D)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        hidden = args.mlp_mult * args.model_dim
+        self.fc = nn.Linear(args.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, args.model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, args: Hyperparameters, attn_backend: str):
+        super().__init__()
+        d = args.model_dim
+        self.attn = CausalSelfAttention(args, attn_backend)
+        self.mlp = MLP(args)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+
+    def forward(self, x, x0, cos, sin):
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x + self.attn_scale * self.attn(rms_norm(x), cos, sin)
+        return x + self.mlp_scale * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """`model(input_ids, target_ids)` -> mean loss; `forward_logits(input_ids)` -> (B, T, V) logits."""
+
+    def __init__(self, args: Hyperparameters, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.vocab_size, self.softcap = args.vocab_size, args.logit_softcap
+        self.tied_embed_init_std = args.tied_embed_init_std
+        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
+        self.blocks = nn.ModuleList(Block(args, attn_backend) for _ in range(args.num_layers))
+        # U-Net: the first half pushes its outputs, the second half pops them in reverse order.
+        self.num_encoder = args.num_layers // 2 if args.unet_skips else 0
+        num_skips = min(self.num_encoder, args.num_layers - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, args.model_dim)) if num_skips else None
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.model_dim, args.vocab_size, bias=False)
+        self.rotary = Rotary(args.model_dim // args.num_heads, args.rope_base)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation in one place.
+
+        | parameter                         | init                                        |
+        |-----------------------------------|---------------------------------------------|
+        | tok_emb (tied)                    | normal, std TIED_EMBED_INIT_STD (0.005)     |
+        | tok_emb (untied)                  | normal, std 1                               |
+        | lm_head (untied)                  | zeros                                       |
+        | c_q, c_k, c_v, mlp.fc             | PyTorch default: U(-1/sqrt(in), 1/sqrt(in)) |
+        | attn.proj, mlp.proj               | zeros (each block starts as the identity)   |
+        | attn_scale, mlp_scale, skip_weights | ones                                      |
+        | resid_mix                         | [ones, zeros]                               |
+        | q_gain                            | QK_GAIN_INIT                                |
+        """
+        std = self.tied_embed_init_std if self.lm_head is None else 1.0
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                lin.reset_parameters()
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(self.tok_emb(input_ids))
+        x0 = x
+        cos, sin = self.rotary(input_ids.size(1), input_ids.device)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            j = i - self.num_encoder
+            if self.skip_weights is not None and 0 <= j < self.skip_weights.size(0):
+                x = x + self.skip_weights[j] * skips.pop()
+            x = block(x, x0, cos, sin)
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(input_ids)
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, weight).float()
+        if self.softcap > 0:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    def token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        """Per-position negative log-likelihood in nats, float32, shape of target_ids."""
+        logits = self.forward_logits(input_ids)
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
+        return nll.view_as(target_ids)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        return self.token_nll(input_ids, target_ids).mean()
+
+
+def architecture_of(args: Hyperparameters) -> dict:
+    """The fields that fix the model's shape and forward; stored in the artifact."""
+    names = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+             "tie_embeddings", "logit_softcap", "rope_base", "unet_skips")
+    return {n: getattr(args, n) for n in names}
+
+
+# =================================================================================================
+# 6. OPTIMISERS AND SCHEDULES
+# Muon (orthogonalised momentum) for the block matrices, Adam for embeddings and everything else
+# (SPEC section 3). Each trainable parameter is in exactly one group; build_optimizers proves it.
+# Schedules are pure functions of (step, elapsed seconds), tested against hand-computed values.
+# =================================================================================================
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate U V^T of g's SVD with a quintic Newton-Schulz iteration, in bf16."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16()
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        # addmm rounds to bf16 once per product: half the error of separate multiply and add ops
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """buf = mu*buf + g; u = g + mu*buf (Nesterov) or buf; u = NS(u) * sqrt(max(1, rows/cols));
+    W *= 1 - lr*wd; W -= lr*u. With several processes each rank orthogonalises every world-th
+    matrix and the updates are summed across ranks (gradients are already averaged by DDP)."""
+
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool = True,
+                 weight_decay: float = 0.0, backend_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      weight_decay=weight_decay, backend_steps=backend_steps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            dtype = torch.bfloat16 if params[0].is_cuda else torch.float32  # gloo reduces float32
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    g = p.grad
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(g)
+                    u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    u = zeropower_via_newtonschulz5(u, group["backend_steps"])
+                    u = u * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = u.reshape(-1).to(dtype)
+                offset += p.numel()
+            if world > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def parameter_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Name -> group: 'matrix' (Muon), 'embed', 'head', 'scalar' (Adam)."""
+    groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name == "tok_emb.weight":
+            groups["embed"].append((name, p))
+        elif name == "lm_head.weight":
+            groups["head"].append((name, p))
+        elif name.startswith("blocks.") and p.ndim == 2:
+            groups["matrix"].append((name, p))
+        else:
+            groups["scalar"].append((name, p))
+    seen = [id(p) for g in groups.values() for _, p in g]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    if sorted(seen) != sorted(trainable) or len(set(seen)) != len(seen):
+        raise RuntimeError("internal error: a trainable parameter is in no optimizer group or in two")
+    return groups
+
+
+def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) -> list[torch.optim.Optimizer]:
+    groups = parameter_groups(model)
+    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=device.type == "cuda")
+    embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
+    adam_groups = [dict(params=[p for _, p in groups["embed"]], lr=embed_lr, base_lr=embed_lr),
+                   dict(params=[p for _, p in groups["scalar"]], lr=args.scalar_lr, base_lr=args.scalar_lr)]
+    if groups["head"]:
+        adam_groups.append(dict(params=[p for _, p in groups["head"]], lr=args.head_lr, base_lr=args.head_lr))
+    optimizers = [torch.optim.Adam([g for g in adam_groups if g["params"]], **adam)]
+    if groups["matrix"]:
+        muon = Muon([p for _, p in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
+                    backend_steps=args.muon_backend_steps)
+        for g in muon.param_groups:
+            g["base_lr"] = args.matrix_lr
+        optimizers.append(muon)
+    return optimizers
+
+
+def lr_multiplier(step: int, elapsed_s: float, args: Hyperparameters) -> float:
+    """LR multiplier in [MIN_LR, 1] for the step about to run.
+
+    warm-up: (step+1)/WARMUP_STEPS for the first WARMUP_STEPS steps. warm-down, linear to MIN_LR:
+      * WARMDOWN_FRAC > 0: over the last fraction of the budget; progress is the larger of
+        elapsed/MAX_WALLCLOCK_SECONDS (when capped) and step/ITERATIONS;
+      * else over the last WARMDOWN_ITERS steps, counted both in steps (before ITERATIONS) and,
+        when capped, in time (WARMDOWN_ITERS * the mean step time so far, before the cap);
+        whichever says less learning rate wins, so the warm-down ends wherever training ends."""
+    warm = (step + 1) / args.warmup_steps if step < args.warmup_steps else 1.0
+    cap = args.max_wallclock_seconds
+    if args.warmdown_frac > 0:
+        progress = step / args.iterations
+        if cap > 0:
+            progress = max(progress, elapsed_s / cap)
+        remaining = min(1.0, max(0.0, (1.0 - progress) / args.warmdown_frac))
+    elif args.warmdown_iters > 0:
+        remaining = min(1.0, max(0.0, (args.iterations - step) / args.warmdown_iters))
+        if cap > 0 and step > 0:
+            step_s = elapsed_s / step
+            remaining = min(remaining, max(0.0, (cap - elapsed_s) / (args.warmdown_iters * step_s)))
+    else:
+        remaining = 1.0
+    return min(warm, args.min_lr + (1.0 - args.min_lr) * remaining)
+
+
+def muon_momentum_at(step: int, args: Hyperparameters) -> float:
+    if args.muon_momentum_warmup_steps == 0:
+        return args.muon_momentum
+    frac = min(step / args.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * args.muon_momentum_warmup_start + frac * args.muon_momentum
+
+
+def apply_schedule(optimizers, step: int, elapsed_s: float, args: Hyperparameters) -> float:
+    mult = lr_multiplier(step, elapsed_s, args)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * mult
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum_at(step, args)
+    return mult
+
+
+# =================================================================================================
+# 7. EVALUATION (val_bpb)
+# Non-overlapping EVAL_SEQ_LEN windows over the whole validation stream, the tail included as one
+# shorter window, so every target is scored exactly once. Windows are split contiguously across
+# ranks; NLL, token and byte sums are float64 and all-reduced (SPEC 1.3).
+# =================================================================================================
+
+
+@dataclass
+class EvalResult:
+    nll: float
+    tokens: int
+    bytes: int
+    seconds: float
+
+    @property
+    def val_loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def val_bpb(self) -> float:
+        return self.nll / (math.log(2) * self.bytes)
+
+
+class Progress:
+    """Rate-limited progress lines for long stages (rank 0 only)."""
+
+    def __init__(self, log, label: str, total: int, every_s: float = 15.0):
+        self.log, self.label, self.total, self.every_s = log, label, total, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s and done < self.total:
+            self.last = now
+            rate = done / max(now - self.t0, 1e-9)
+            self.log(f"{self.label}: {done}/{self.total} ({100 * done / self.total:.0f}%, "
+                     f"eta {(self.total - done) / max(rate, 1e-9):.0f}s)")
+
+
+def windows(n_targets: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, length) of non-overlapping windows covering targets 0..n_targets-1, tail included."""
+    return [(s, min(seq_len, n_targets - s)) for s in range(0, n_targets, seq_len)]
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val_tokens: torch.Tensor, tables: ByteTables, args: Hyperparameters,
+             rt: Runtime, log=None, label: str = "eval") -> EvalResult:
+    rt.sync()
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    all_windows = windows(len(val_tokens) - 1, args.eval_seq_len)
+    lo = len(all_windows) * rt.rank // rt.world_size
+    hi = len(all_windows) * (rt.rank + 1) // rt.world_size
+    mine = all_windows[lo:hi]
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    tables = tables.to(rt.device)
+    progress = Progress(log, label, len(mine)) if (log and rt.master) else None
+    i = 0
+    while i < len(mine):
+        length = mine[i][1]
+        batch = [w for w in mine[i:i + args.eval_batch_seqs] if w[1] == length]  # the tail goes alone
+        idx = torch.tensor([s for s, _ in batch])[:, None] + torch.arange(length + 1)[None, :]
+        chunk = val_tokens[idx].to(rt.device)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        with rt.autocast():
+            nll = model.token_nll(x, y)
+        sums[0] += nll.double().sum()
+        sums[1] += y.numel()
+        sums[2] += tables.count(x, y).double().sum()
+        i += len(batch)
+        if progress:
+            progress.update(i)
+    rt.all_reduce(sums)
+    model.train(was_training)
+    rt.sync()
+    return EvalResult(sums[0].item(), int(sums[1].item()), int(sums[2].item()), time.perf_counter() - t0)
+
+
+# =================================================================================================
+# 8. QUANTISATION AND THE ARTIFACT
+# int8 per-row quantisation (the baseline, SPEC section 4): each large matrix row is clipped at a
+# high quantile, scaled to [-127, 127] with an fp16 scale; small tensors pass through in fp16
+# (control tensors in fp32). The artifact is a header (magic, version, compressor, length, CRC32)
+# and the compressed serialisation; it is written atomically and every score is computed on what
+# was read back from disk.
+# =================================================================================================
+
+PASSTHROUGH_MAX_ELEMENTS = 65536
+INT8_CLIP_QUANTILE = 0.9999984
+CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+ARTIFACT_MAGIC = b"PGLF"
+ARTIFACT_VERSION = 1
+COMPRESSORS = ("zlib", "zstd", "brotli", "lzma")
+ARTIFACT_HEADER = struct.Struct("<4sBBQI")  # magic, version, compressor index, payload bytes, crc32
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: (rows, cols) float -> (int8 values in [-127, 127], fp16 scale per row)."""
+    w = w.float()
+    clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1)
+    scale = (clip / 127.0).clamp_min(2.0 ** -24).to(torch.float16)
+    s = scale.float()[:, None]
+    q = torch.clamp(torch.round(torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None]) / s), -127, 127)
+    return q.to(torch.int8), scale
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict:
+    """The quantised form that is serialised into the artifact."""
+    out = {"scheme": "int8", "q": {}, "scale": {}, "passthrough": {}, "dtype": {}}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        out["dtype"][name] = str(t.dtype).removeprefix("torch.")
+        if t.is_floating_point() and t.ndim == 2 and t.numel() > PASSTHROUGH_MAX_ELEMENTS:
+            out["q"][name], out["scale"][name] = quantize_int8_rows(t)
+        elif t.is_floating_point():
+            keep_fp32 = any(p in name for p in CONTROL_TENSOR_PATTERNS)
+            out["passthrough"][name] = t.float() if keep_fp32 else t.half()
+        else:
+            out["passthrough"][name] = t
+    return out
+
+
+def dequantize_state_dict(qstate: dict) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, dtype in qstate["dtype"].items():
+        target = getattr(torch, dtype)
+        if name in qstate["q"]:
+            t = qstate["q"][name].float() * qstate["scale"][name].float()[:, None]
+        else:
+            t = qstate["passthrough"][name]
+        state[name] = t.to(target)
+    return state
+
+
+def compress(data: bytes, name: str, level: int) -> bytes:
+    if name == "zlib":
+        return zlib.compress(data, 9 if level < 0 else min(level, 9))
+    if name == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=22 if level < 0 else level).compress(data)
+    if name == "brotli":
+        import brotli
+
+        return brotli.compress(data, quality=11 if level < 0 else min(level, 11))
+    import lzma
+
+    return lzma.compress(data, preset=(9 if level < 0 else min(level, 9)) | lzma.PRESET_EXTREME)
+
+
+def decompress(data: bytes, name: str) -> bytes:
+    if name == "zlib":
+        return zlib.decompress(data)
+    if name == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(data)
+    if name == "brotli":
+        import brotli
+
+        return brotli.decompress(data)
+    import lzma
+
+    return lzma.decompress(data)
+
+
+def pack_artifact(qstate: dict, arch: dict, compressor: str, level: int) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"arch": arch, "weights": qstate}, buf)
+    payload = compress(buf.getvalue(), compressor, level)
+    header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS.index(compressor),
+                                  len(payload), zlib.crc32(payload))
+    return header + payload
+
+
+def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
+    """-> (arch, quantised weights). Every failure is one ArtifactError line naming the file."""
+    if len(blob) < ARTIFACT_HEADER.size or blob[:4] != ARTIFACT_MAGIC:
+        raise ArtifactError(f"{source} is not a train_gpt.py artifact (bad magic)")
+    magic, version, comp, length, crc = ARTIFACT_HEADER.unpack_from(blob)
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"{source} has artifact version {version}; this script reads version {ARTIFACT_VERSION}")
+    if comp >= len(COMPRESSORS):
+        raise ArtifactError(f"{source} names unknown compressor #{comp}")
+    payload = blob[ARTIFACT_HEADER.size:]
+    if len(payload) != length:
+        raise ArtifactError(f"{source} is truncated or padded: payload is {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError(f"{source} is corrupt: CRC32 mismatch")
+    try:
+        obj = torch.load(io.BytesIO(decompress(payload, COMPRESSORS[comp])), map_location="cpu", weights_only=True)
+        return obj["arch"], obj["weights"]
+    except Exception as e:  # a CRC collision or a writer bug: still one line
+        raise ArtifactError(f"{source} cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+def read_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """-> (arch, dequantised state dict)."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"artifact {path} (ARTIFACT) cannot be read: {e.strerror}") from None
+    arch, qstate = unpack_artifact(blob, source=f"artifact {path}")
+    return arch, dequantize_state_dict(qstate)
+
+
+def code_bytes() -> int:
+    """Bytes of the code a submission ships: this file as it is on disk."""
+    return Path(__file__).stat().st_size
+
+
+# =================================================================================================
+# 9. LOGGING AND OUTPUTS
+# Rank 0 writes OUT_DIR/train.log (config dump, versions, device, the script's hash and source, then
+# key:value lines), model.ptz and submission.json; the console gets the same lines without the
+# source. Log line formats follow the community's parsers (SPEC section 6).
+# =================================================================================================
+
+
+class RunLog:
+    def __init__(self, path: Path | None, master: bool):
+        self.master = master
+        self.file = open(path, "w", encoding="utf-8") if (path and master) else None
+
+    def __call__(self, msg: str = "", console: bool = True) -> None:
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def prepare_out_dir(args: Hyperparameters, rt: Runtime) -> Path:
+    run_id = args.run_id or rt.broadcast_object(
+        datetime.datetime.now().strftime("%Y%m%d_%H%M%S") + f"_{args.preset}" if rt.master else None)
+    out = Path(args.out_dir or os.path.join("runs", run_id))
+    try:  # every rank checks, so that all ranks fail together with the same message
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ConfigError(f"OUT_DIR {out} is not writable ({e.strerror}); set OUT_DIR to a writable directory") from None
+    return out
+
+
+def log_header(log: RunLog, args: Hyperparameters, rt: Runtime) -> None:
+    source = Path(__file__).read_text(encoding="utf-8")
+    log("hyperparameters:")
+    for line in args.dump():
+        log(f"  {line}")
+    for w in args.warnings:
+        log(f"WARNING: {w}")
+        if rt.master:
+            print(f"WARNING: {w}", file=sys.stderr, flush=True)
+    log(f"versions: python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}")
+    for note in rt.notes:
+        log(note)
+    log(f"script: {Path(__file__).name} sha256:{hashlib.sha256(source.encode()).hexdigest()} bytes:{code_bytes()}")
+    log("=" * 40 + " source " + "=" * 40, console=False)
+    log(source, console=False)
+    log("=" * 88, console=False)
+
+
+def hardware_name(rt: Runtime) -> str:
+    if rt.device.type == "cuda":
+        return f"{rt.world_size}x{torch.cuda.get_device_name(rt.device)}"
+    return f"CPU ({rt.world_size} process{'es' if rt.world_size > 1 else ''}, {os.cpu_count()} cores)"
+
+
+def summary_table(rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return ["-" * (width + 24)] + [f"{k:<{width}}  {v}" for k, v in rows] + ["-" * (width + 24)]
+
+
+# =================================================================================================
+# 10. TRAINING, SCORING, MAIN
+# The training loop keeps the global batch fixed (gradient accumulation), stops on ITERATIONS or on
+# the wall-clock cap with a decision all ranks share, and excludes validation and compile warm-up
+# from the training time. Warm-up runs on random tokens and is undone (weights, optimizer state and
+# data order untouched). After training: quantise, pack, write, read back, score.
+# =================================================================================================
+
+CAP_BYTES = 16_000_000  # decimal, not MiB (trap 7)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_seconds: float
+    stopped_early: bool
+    pre_quant: EvalResult | None
+
+
+def batch_split(args: Hyperparameters, rt: Runtime) -> tuple[int, int]:
+    """-> (grad_accum_steps, tokens per rank per micro-step), with the checks that need the world size."""
+    if args.grad_accum_steps:
+        accum = args.grad_accum_steps
+    elif 8 % rt.world_size == 0:
+        accum = 8 // rt.world_size
+    else:
+        raise ConfigError(f"WORLD_SIZE={rt.world_size} does not divide 8: set GRAD_ACCUM_STEPS explicitly")
+    local, rem = divmod(args.train_batch_tokens, rt.world_size * accum)
+    if rem or local % args.train_seq_len:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into {rt.world_size} ranks x "
+                          f"{accum} micro-steps x whole sequences of TRAIN_SEQ_LEN={args.train_seq_len}")
+    return accum, local
+
+
+def training_step(model, optimizers, batches, args: Hyperparameters, rt: Runtime, accum: int) -> torch.Tensor:
+    """One optimizer step over `accum` micro-batches; returns the mean loss (a device tensor)."""
+    total = torch.zeros((), device=rt.device)
+    for micro, (x, y) in enumerate(batches):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = micro == accum - 1
+        with rt.autocast():
+            loss = model(x, y)
+        (loss / accum).backward()
+        total += loss.detach()
+    if args.grad_clip_norm > 0:  # DDP has averaged the gradients by now (trap 9)
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / accum
+
+
+def compile_warmup(model, raw: GPT, optimizers, args: Hyperparameters, rt: Runtime, accum: int, local: int, log):
+    """Run COMPILE_WARMUP_STEPS steps on random tokens (never validation tokens, trap 13), then
+    restore weights and optimizer state, so that the run continues as if they never happened."""
+    if args.compile_warmup_steps == 0:
+        return
+    t0 = time.perf_counter()
+    weights = copy.deepcopy(raw.state_dict())
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for _ in range(args.compile_warmup_steps):
+        batches = []
+        for _ in range(accum):
+            t = torch.randint(0, args.vocab_size, (local // args.train_seq_len, args.train_seq_len + 1), generator=gen)
+            batches.append((t[:, :-1].to(rt.device), t[:, 1:].to(rt.device)))
+        training_step(model, optimizers, batches, args, rt, accum)
+    raw.load_state_dict(weights)
+    for opt, state in zip(optimizers, opt_states):
+        opt.load_state_dict(state)
+    rt.sync()
+    log(f"compile_warmup: {args.compile_warmup_steps} steps on random tokens in {time.perf_counter() - t0:.1f}s, undone")
+
+
+def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, tables, log) -> TrainResult:
+    accum, local = batch_split(args, rt)
+    loader = DistributedTokenLoader(files, args.vocab_size, rt.rank, rt.world_size, rt.device)
+    optimizers = build_optimizers(raw, args, rt.device)
+    model = torch.compile(raw, dynamic=False) if rt.compile else raw
+    if rt.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    log(f"train: {len(files)} shards, world {rt.world_size} x accum {accum} x {local} tokens "
+        f"= {args.train_batch_tokens} tokens/step, params {sum(p.numel() for p in raw.parameters())}")
+    compile_warmup(model, raw, optimizers, args, rt, accum, local, log)
+
+    cap_s = args.max_wallclock_seconds
+    train_s, step, stopped_early, pre_quant = 0.0, 0, False, None
+    elapsed = torch.zeros((), dtype=torch.float64, device=rt.device)
+    rt.sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == args.iterations or stopped_early
+        if last or (args.val_loss_every and step and step % args.val_loss_every == 0):
+            rt.sync()
+            train_s += time.perf_counter() - t0
+            result = evaluate(raw, val_tokens, tables, args, rt, log, label=f"val step {step}")
+            log(f"step:{step}/{args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+                f"train_time:{1000 * train_s:.0f}ms step_avg:{1000 * train_s / max(step, 1):.2f}ms "
+                f"val_tokens:{result.tokens} val_bytes:{result.bytes}")
+            pre_quant = result
+            rt.sync()
+            t0 = time.perf_counter()
+        if last:
+            break
+        elapsed_s = train_s + time.perf_counter() - t0
+        mult = apply_schedule(optimizers, step, elapsed_s, args)
+        batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
+        loss = training_step(model, optimizers, batches, args, rt, accum)
+        step += 1
+        # The stop decision and the schedule's clock come from one all-reduce (MAX), so every rank
+        # uses the same elapsed time and stops at the same step.
+        elapsed.fill_(train_s + time.perf_counter() - t0)
+        elapsed_s = rt.all_reduce(elapsed, dist.ReduceOp.MAX if rt.distributed else None).item()
+        if step <= 10 or step % args.train_log_every == 0:
+            mean_loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+            log(f"step:{step}/{args.iterations} train_loss:{mean_loss.item():.4f} "
+                f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / step:.2f}ms lr_mult:{mult:.4f}")
+        if cap_s > 0 and elapsed_s >= cap_s and step < args.iterations:
+            stopped_early = True
+            log(f"stopping_early: wallclock_cap train_time:{1000 * elapsed_s:.0f}ms step:{step}/{args.iterations}")
+    return TrainResult(step, train_s, stopped_early, pre_quant)
+
+
+@dataclass
+class ArtifactInfo:
+    path: Path
+    bytes_model: int
+    bytes_code: int
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_model + self.bytes_code
+
+
+def write_artifact(raw: GPT, args: Hyperparameters, rt: Runtime, out_dir: Path, log) -> ArtifactInfo:
+    path = out_dir / "model.ptz"
+    if rt.master:
+        blob = pack_artifact(quantize_state_dict(raw.state_dict()), architecture_of(args),
+                             args.compressor, args.compress_level)
+        atomic_write_bytes(path, blob)
+    rt.barrier()
+    info = ArtifactInfo(path, path.stat().st_size, code_bytes())
+    scheme = f"int8_{args.compressor}"
+    log(f"Serialized model {scheme}: {info.bytes_model} bytes")
+    log(f"Code size: {info.bytes_code} bytes")
+    log(f"Total submission size {scheme}: {info.bytes_total} bytes")
+    if info.bytes_total > CAP_BYTES:
+        log(f"ERROR: bytes_total {info.bytes_total} exceeds the {CAP_BYTES}-byte cap by "
+            f"{info.bytes_total - CAP_BYTES} bytes; this run is not a valid submission")
+    return info
+
+
+def model_from_artifact(path: str, args: Hyperparameters, rt: Runtime, log) -> GPT:
+    arch, state = read_artifact(path)
+    differs = {k: (getattr(args, k), v) for k, v in arch.items() if getattr(args, k) != v}
+    if differs:
+        log(f"artifact architecture differs from the configured one, using the artifact's: {differs}")
+    model_args = dataclasses.replace(args, **arch)
+    model = GPT(model_args, rt.attn_backend).to(rt.device)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"artifact {path} does not fit the model: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def score_artifact(path, args, rt, val_tokens, tables, log) -> EvalResult:
+    model = model_from_artifact(str(path), args, rt, log)
+    result = evaluate(model, val_tokens, tables, args, rt, log, label="roundtrip eval")
+    log(f"final_int8_{args.compressor}_roundtrip val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+        f"eval_time:{1000 * result.seconds:.0f}ms val_tokens:{result.tokens} val_bytes:{result.bytes}")
+    log(f"final_int8_{args.compressor}_roundtrip_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+    return result
+
+
+def write_submission(out_dir: Path, args: Hyperparameters, rt: Runtime, train: TrainResult,
+                     art: ArtifactInfo, final: EvalResult) -> None:
+    doc = {
+        "name": args.submission_name or args.preset,
+        "author": args.author,
+        "github_id": args.github_id,
+        "blurb": args.blurb or f"train_gpt.py preset {args.preset}",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "track": args.track,
+        "val_loss": final.val_loss,
+        "val_bpb": final.val_bpb,
+        "val_tokens": final.tokens,
+        "val_bytes": final.bytes,
+        "bytes_total": art.bytes_total,
+        "bytes_model": art.bytes_model,
+        "bytes_code": art.bytes_code,
+        "seed": args.seed,
+        "steps": train.steps,
+        "step_avg_ms": 1000 * train.train_seconds / max(train.steps, 1),
+        "train_seconds": train.train_seconds,
+        "eval_seconds": {"roundtrip": final.seconds},
+        "pre_quant_val_bpb": train.pre_quant.val_bpb if train.pre_quant else None,
+        "hardware": hardware_name(rt),
+        "pytorch_version": torch.__version__,
+        "preset": args.preset,
+        "hyperparameters": args.as_dict(),
+        "compliance": {
+            "train_under_600s": train.train_seconds <= 600,
+            "eval_under_600s": final.seconds <= 600,
+            "artifact_under_16000000_bytes": art.bytes_total <= CAP_BYTES,
+            "score_first_ttt": "not used",
+        },
+    }
+    atomic_write_text(out_dir / "submission.json", json.dumps(doc, indent=2) + "\n")
+
+
+def run_training(args, rt, out_dir, train_files, val_tokens, tables, log) -> int:
+    torch.manual_seed(args.seed)
+    raw = GPT(args, rt.attn_backend).to(rt.device)
+    result = train(args, rt, raw, train_files, val_tokens, tables, log)
+    art = write_artifact(raw, args, rt, out_dir, log)
+    final = score_artifact(art.path, args, rt, val_tokens, tables, log)
+    if rt.master:
+        write_submission(out_dir, args, rt, result, art, final)
+    for line in summary_table([
+        ("pre-quant val_bpb", f"{result.pre_quant.val_bpb:.4f}" if result.pre_quant else "-"),
+        ("round-trip val_bpb", f"{final.val_bpb:.4f}"),
+        ("sliding val_bpb", "- (not implemented yet)"),
+        ("TTT val_bpb", "- (not implemented yet)"),
+        ("artifact bytes", f"{art.bytes_model} model + {art.bytes_code} code = {art.bytes_total} "
+                           f"({'OK' if art.bytes_total <= CAP_BYTES else 'OVER'} {CAP_BYTES})"),
+        ("train seconds", f"{result.train_seconds:.1f} ({result.steps} steps"
+                          f"{', wall-clock cap' if result.stopped_early else ''})"),
+        ("eval seconds", f"roundtrip {final.seconds:.1f}"),
+        ("outputs", str(out_dir)),
+    ]):
+        log(line)
+    return 3 if art.bytes_total > CAP_BYTES else 0
+
+
+def run_eval_only(args, rt, out_dir, val_tokens, tables, log) -> int:
+    final = score_artifact(args.artifact, args, rt, val_tokens, tables, log)
+    if rt.master:
+        doc = {"artifact": args.artifact, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
+               "val_tokens": final.tokens, "val_bytes": final.bytes, "eval_seconds": {"roundtrip": final.seconds}}
+        atomic_write_text(out_dir / "eval.json", json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def run(env: Mapping[str, str]) -> int:
+    rt = None
+    log = RunLog(None, master=False)
+    try:
+        args = Hyperparameters.from_env(env)
+        rt = init_runtime(args, env)
+        if not args.eval_only:
+            batch_split(args, rt)  # the checks that need the world size, before any work
+        tables = build_byte_tables(load_tokenizer(args.tokenizer_path, args.vocab_size))
+        val_tokens = load_validation(args)
+        train_files = [] if args.eval_only else check_train_shards(args.data_path)
+        out_dir = prepare_out_dir(args, rt)  # only after every input is known to be good
+        log = RunLog(out_dir / ("eval.log" if args.eval_only else "train.log"), rt.master)
+        log_header(log, args, rt)
+        log(f"val: {len(val_tokens)} tokens in {len(shard_files(args.data_path, 'val'))} shard(s)")
+        if args.eval_only:
+            return run_eval_only(args, rt, out_dir, val_tokens, tables, log)
+        return run_training(args, rt, out_dir, train_files, val_tokens, tables, log)
+    except UserError as e:
+        if (rt.master if rt is not None else env.get("RANK", "0") == "0"):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        log(f"error: {e}", console=False)
+        return 2
+    finally:
+        log.close()
+        if rt is not None and rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main() -> None:
+    sys.exit(run(os.environ))
+
+
+if __name__ == "__main__":
+    main()
