@@ -122,7 +122,7 @@ def knob(default, help: str, *, lo=None, hi=None, choices=None):
 @dataclass
 class Hyperparameters:
     # --- run and outputs
-    preset: str = knob("baseline", "bundle of defaults (PRESETS below); explicit variables win")
+    preset: str = knob("baseline", "bundle of defaults (see the presets); explicit variables win")
     run_id: str = knob("", "run name; empty = <date>_<time>_<preset>")
     out_dir: str = knob("", "output directory; empty = runs/<RUN_ID>")
     seed: int = knob(1337, "seed for initialisation (same on every rank)", lo=0)

@@ -58,7 +58,7 @@ def run_script(env: dict, nproc: int = 0, timeout: float = 240) -> subprocess.Co
 
 
 def log_values(text: str, key: str) -> list[str]:
-    """Every `key:value` in the order it appears."""
+    """Every numeric `key:value` in the order it appears (the logged source has `key:{...}`)."""
     import re
 
-    return re.findall(rf"(?<![\w]){re.escape(key)}:(\S+)", text)
+    return re.findall(rf"(?<![\w]){re.escape(key)}:(-?\d[\d.]*(?:e[-+]?\d+)?|nan|inf)", text)

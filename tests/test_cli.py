@@ -76,7 +76,7 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     l2 = [float(v) for v in log_values(two.stdout, "train_loss")]
     assert len(l1) == len(l2) == 5
     for a, b in zip(l1, l2):
-        assert abs(a - b) <= 2e-3, (l1, l2)
+        assert abs(a - b) <= 1e-3, (l1, l2)  # measured <= 1e-4; another seed differs by 6e-3 to 2e-2
 
 
 def one_error_line(proc) -> str:
