@@ -229,8 +229,6 @@ class Hyperparameters:
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 needs ARTIFACT=path/to/model.ptz")
-        if self.muon_momentum_warmup_start > self.muon_momentum and self.muon_momentum_warmup_steps:
-            pass  # a decreasing momentum schedule is unusual but legal
 
     def dump(self) -> list[str]:
         """Every effective value, sorted, with where it came from (trap 10: the log is the truth)."""
@@ -1344,6 +1342,7 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
 
     cap_s = args.max_wallclock_seconds
     train_s, step, stopped_early, pre_quant = 0.0, 0, False, None
+    elapsed_s, last_step_s = 0.0, 0.0  # training seconds agreed by all ranks, duration of the last step
     elapsed = torch.zeros((), dtype=torch.float64, device=rt.device)
     rt.sync()
     t0 = time.perf_counter()
@@ -1354,30 +1353,32 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
             train_s += time.perf_counter() - t0
             result = evaluate(raw, val_tokens, tables, args, rt, log, label=f"val step {step}")
             log(f"step:{step}/{args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-                f"train_time:{1000 * train_s:.0f}ms step_avg:{1000 * train_s / max(step, 1):.2f}ms "
+                f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / max(step, 1):.2f}ms "
                 f"val_tokens:{result.tokens} val_bytes:{result.bytes}")
             pre_quant = result
             rt.sync()
             t0 = time.perf_counter()
         if last:
             break
-        elapsed_s = train_s + time.perf_counter() - t0
         mult = apply_schedule(optimizers, step, elapsed_s, args)
         batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
         loss = training_step(model, optimizers, batches, args, rt, accum)
         step += 1
-        # The stop decision and the schedule's clock come from one all-reduce (MAX), so every rank
-        # uses the same elapsed time and stops at the same step.
+        # One all-reduce (MAX) gives every rank the same clock: the same learning rates and the
+        # same stop step everywhere.
         elapsed.fill_(train_s + time.perf_counter() - t0)
-        elapsed_s = rt.all_reduce(elapsed, dist.ReduceOp.MAX if rt.distributed else None).item()
+        now_s = rt.all_reduce(elapsed, dist.ReduceOp.MAX if rt.distributed else None).item()
+        elapsed_s, last_step_s = now_s, now_s - elapsed_s
         if step <= 10 or step % args.train_log_every == 0:
             mean_loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             log(f"step:{step}/{args.iterations} train_loss:{mean_loss.item():.4f} "
                 f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / step:.2f}ms lr_mult:{mult:.4f}")
-        if cap_s > 0 and elapsed_s >= cap_s and step < args.iterations:
+        # Stop when the next step would cross the cap, so training never runs past it (#1956).
+        if cap_s > 0 and elapsed_s + last_step_s > cap_s and step < args.iterations:
             stopped_early = True
-            log(f"stopping_early: wallclock_cap train_time:{1000 * elapsed_s:.0f}ms step:{step}/{args.iterations}")
-    return TrainResult(step, train_s, stopped_early, pre_quant)
+            log(f"stopping_early: wallclock_cap train_time:{1000 * elapsed_s:.0f}ms step:{step}/{args.iterations} "
+                f"(the next step would end past MAX_WALLCLOCK_SECONDS={cap_s:g})")
+    return TrainResult(step, elapsed_s, stopped_early, pre_quant)
 
 
 @dataclass
