@@ -1,5 +1,6 @@
 """The README's table of variables, generated from Hyperparameters so that it cannot drift.
-Print it with `python tests/readme_table.py`; tests/test_readme.py checks the README holds it."""
+`python tests/readme_table.py --write` rewrites the table in README.md (after its marker comment);
+tests/test_readme.py checks the README holds the current table."""
 
 import sys
 from pathlib import Path
@@ -16,5 +17,18 @@ def variables_table() -> str:
     return "\n".join(rows)
 
 
+def write_readme(path: Path) -> None:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("<!-- variables table")) + 1
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines[start:end] = variables_table().split("\n")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(variables_table())
+    if "--write" in sys.argv:
+        write_readme(Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(variables_table())

@@ -21,7 +21,7 @@ def finished_run(tiny_data, tmp_path_factory):
 
 def test_run_writes_every_output(finished_run):
     out, proc = finished_run
-    assert sorted(p.name for p in out.iterdir()) == ["model.ptz", "submission.json", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.ptz", "submission.json", "train.log", "ttt_chunks.jsonl"]
     sub = json.loads((out / "submission.json").read_text())
     for key in ("name", "author", "github_id", "blurb", "date", "track", "val_loss", "val_bpb", "bytes_total",
                 "bytes_model", "bytes_code", "seed", "steps", "step_avg_ms", "train_seconds", "eval_seconds",

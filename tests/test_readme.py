@@ -18,7 +18,7 @@ def quick_start_blocks() -> list[str]:
 
 
 def test_variables_table_is_current():
-    assert variables_table() in README, "README table is stale: paste the output of python tests/readme_table.py"
+    assert variables_table() in README, "README table is stale: run python tests/readme_table.py --write"
 
 
 def test_quick_start_commands():
