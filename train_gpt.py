@@ -185,8 +185,24 @@ class Hyperparameters:
     val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", lo=0)
     train_log_every: int = knob(200, "log the training loss every N steps (and the first 10)", lo=1)
     # --- artifact (SPEC section 4)
+    matrix_bits: int = knob(8, "bits per weight of attention and MLP matrices (6 = int6)", lo=2, hi=8)
+    embed_bits: int = knob(8, "bits per weight of the embedding and an untied head", lo=2, hi=8)
+    quant_clip: str = knob("quantile", "row scale: fixed quantile (baseline), percentile search, or SDClip",
+                           choices=("quantile", "percentile", "sdclip"))
+    matrix_clip_sigmas: float = knob(12.85, "SDClip k for matrices: scale = k * std(row) / qmax", lo=0.0)
+    embed_clip_sigmas: float = knob(20.0, "SDClip k for the embedding", lo=0.0)
+    gptq: bool = knob(False, "full-Hessian GPTQ rounding of every quantised matrix")
+    gptq_calib: str = knob("train", "GPTQ calibration: training data (inside the budget) or self-generated",
+                           choices=("train", "selfgen"))
+    gptq_calib_seqs: int = knob(64, "calibration sequences over all ranks", lo=1)
+    gptq_selfgen_len: int = knob(512, "length of each self-generated calibration sequence", lo=2)
+    gptq_reserve_seconds: float = knob(0.0, "seconds of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration", lo=0.0)
     compressor: str = knob("zlib", "artifact compressor", choices=("zlib", "zstd", "brotli", "lzma"))
     compress_level: int = knob(-1, "compressor level; -1 = the compressor's maximum", lo=-1, hi=22)
+    byte_shuffle: bool = knob(False, "compress bytes at even offsets, then odd ones")
+    self_extract: bool = knob(False, "ship (and count) an lzma+base85 self-extracting copy of this script")
+    size_check: bool = knob(False, "quantise and pack random (or given) weights, print the bytes, exit")
+    size_check_from: str = knob("", "SIZE_CHECK with the weights of this artifact or state-dict checkpoint")
     # --- device
     device: str = knob("auto", "auto = CUDA when available, else CPU", choices=("auto", "cuda", "cpu"))
     autocast: str = knob("auto", "bf16 autocast: auto = on CUDA and on CPUs with bf16", choices=("auto", "bf16", "off"))
@@ -242,8 +258,18 @@ class Hyperparameters:
                               "(0 turns the sliding window off)")
         if self.ttt_freeze_blocks > self.num_layers:
             raise ConfigError(f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds NUM_LAYERS={self.num_layers}")
+        if self.gptq_reserve_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds > 0:
+            raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds:g} leaves no training time under "
+                              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g}")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 needs ARTIFACT=path/to/model.ptz")
+
+    @property
+    def train_budget_seconds(self) -> float:
+        """Seconds the training loop may use: the cap minus the GPTQ calibration reserve; 0 = no cap."""
+        if self.max_wallclock_seconds <= 0:
+            return 0.0
+        return self.max_wallclock_seconds - self.gptq_reserve_seconds
 
     def dump(self) -> list[str]:
         """Every effective value, sorted, with where it came from (trap 10: the log is the truth)."""
@@ -769,6 +795,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, args.model_dim)) if num_skips else None
         self.lm_head = None if args.tie_embeddings else nn.Linear(args.model_dim, args.vocab_size, bias=False)
         self.rotary = Rotary(args.model_dim // args.num_heads, args.rope_base)
+        self.head_input = nn.Identity()  # a hook point: GPTQ of the tied embedding needs the head's inputs
         self.init_weights()
 
     @torch.no_grad()
@@ -811,7 +838,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.hidden(input_ids)
+        h = self.head_input(self.hidden(input_ids))
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, weight).float()
         if self.softcap > 0:
@@ -953,7 +980,7 @@ def lr_multiplier(step: int, elapsed_s: float, args: Hyperparameters) -> float:
         when capped, in time (WARMDOWN_ITERS * the mean step time so far, before the cap);
         whichever says less learning rate wins, so the warm-down ends wherever training ends."""
     warm = (step + 1) / args.warmup_steps if step < args.warmup_steps else 1.0
-    cap = args.max_wallclock_seconds
+    cap = args.train_budget_seconds
     if args.warmdown_frac > 0:
         progress = step / args.iterations
         if cap > 0:
@@ -1179,58 +1206,269 @@ def evaluate_ttt(model: GPT, val_tokens: torch.Tensor, tables: ByteTables, args:
 
 # =================================================================================================
 # 8. QUANTISATION AND THE ARTIFACT
-# int8 per-row quantisation (the baseline, SPEC section 4): each large matrix row is clipped at a
-# high quantile, scaled to [-127, 127] with an fp16 scale; small tensors pass through in fp16
-# (control tensors in fp32). The artifact is a header (magic, version, compressor, length, CRC32)
-# and the compressed serialisation; it is written atomically and every score is computed on what
-# was read back from disk.
+# Large matrices are quantised per row to MATRIX_BITS (attention and MLP) or EMBED_BITS (embedding,
+# untied head) with an fp16 scale per row; the scale comes from a fixed high quantile (the
+# baseline), a per-row search over quantiles (GPTQ-lite) or SDClip (k * std(row) / qmax). With
+# GPTQ=1 the rounding is full-Hessian GPTQ: columns in act-order, blocks of 128, each column's error
+# spread over the columns not yet quantised, the scales fixed before the sweep. Tensors with at most
+# 65,536 elements pass through in fp16 (control tensors in fp32). The artifact is a header (magic,
+# version, compressor, flags, length, CRC32) and the compressed serialisation: a JSON index, then
+# every tensor's raw bytes (optionally byte-shuffled). Loading gives exactly the dequantised weights
+# that were packed; every score is computed on what was read back from disk.
 # =================================================================================================
 
 PASSTHROUGH_MAX_ELEMENTS = 65536
-INT8_CLIP_QUANTILE = 0.9999984
+QUANTILE_CLIP = 0.9999984  # the baseline's int8 clip
+PERCENTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+GPTQ_BLOCK = 128
+GPTQ_DAMP = 0.01
 CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight")
 ARTIFACT_MAGIC = b"PGLF"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 COMPRESSORS = ("zlib", "zstd", "brotli", "lzma")
-ARTIFACT_HEADER = struct.Struct("<4sBBQI")  # magic, version, compressor index, payload bytes, crc32
+ARTIFACT_HEADER = struct.Struct("<4sBBBQI")  # magic, version, compressor, flags, payload bytes, crc32
+FLAG_BYTE_SHUFFLE = 1
 
 
-def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: (rows, cols) float -> (int8 values in [-127, 127], fp16 scale per row)."""
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    clip: str  # quantile | percentile | sdclip
+    sigmas: float  # SDClip's k
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+
+def quant_spec_for(name: str, t: torch.Tensor, args: Hyperparameters) -> QuantSpec | None:
+    """None: the tensor passes through unquantised."""
+    if not t.is_floating_point() or t.ndim != 2 or t.numel() <= PASSTHROUGH_MAX_ELEMENTS:
+        return None
+    if name in EMBEDDING_NAMES:
+        return QuantSpec(args.embed_bits, args.quant_clip, args.embed_clip_sigmas)
+    return QuantSpec(args.matrix_bits, args.quant_clip, args.matrix_clip_sigmas)
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integers (as float) in [-qmax, qmax]; scale: (rows,) float32."""
+    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+
+
+def to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp_min(2.0 ** -24).to(torch.float16)  # a zero row must not divide by zero
+
+
+def row_quantiles(a: torch.Tensor, qs) -> torch.Tensor:
+    """(len(qs), rows): torch.quantile(a, qs, dim=1) with linear interpolation, without its size limit."""
+    srt = a.sort(dim=1).values
+    pos = torch.tensor(qs, dtype=torch.float64) * (a.size(1) - 1)
+    lo = pos.floor().long()
+    hi = torch.clamp(lo + 1, max=a.size(1) - 1)
+    frac = (pos - lo).to(a.dtype)[:, None]
+    return srt[:, lo].T * (1 - frac) + srt[:, hi].T * frac
+
+
+def row_scales(w: torch.Tensor, spec: QuantSpec, clip: str | None = None) -> torch.Tensor:
+    """fp16 scale per row by the clip method (`clip` overrides spec.clip)."""
+    clip = clip or spec.clip
     w = w.float()
-    clip = torch.quantile(w.abs(), INT8_CLIP_QUANTILE, dim=1)
-    scale = (clip / 127.0).clamp_min(2.0 ** -24).to(torch.float16)
-    s = scale.float()[:, None]
-    q = torch.clamp(torch.round(torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None]) / s), -127, 127)
-    return q.to(torch.int8), scale
+    if clip == "sdclip":
+        return to_fp16_scale(spec.sigmas * w.std(dim=1) / spec.qmax)
+    if clip == "quantile":
+        return to_fp16_scale(row_quantiles(w.abs(), [QUANTILE_CLIP])[0] / spec.qmax)
+    # percentile search (GPTQ-lite): per row, the candidate with the lowest squared error
+    candidates = row_quantiles(w.abs(), PERCENTILE_CANDIDATES)  # (P, rows)
+    best, best_err = None, None
+    for clip_p in candidates:
+        scale = to_fp16_scale(clip_p / spec.qmax)
+        err = ((round_to_grid(w, scale.float(), spec.qmax) * scale.float()[:, None] - w) ** 2).sum(dim=1)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
 
 
-def quantize_state_dict(state: dict[str, torch.Tensor]) -> dict:
+def gptq_round(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor | None:
+    """Full-Hessian GPTQ with fixed per-row scales. w: (rows, cols), H: (cols, cols) = mean x x^T of
+    the layer's inputs. Returns integers (as float) or None when the Cholesky factorisation fails."""
+    W = w.float().clone()
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0  # a column that never sees input: any value is as good; it gets 0
+    W[:, dead] = 0.0
+    H += GPTQ_DAMP * torch.mean(torch.diag(H)) * torch.eye(H.size(0), device=H.device)
+    perm = torch.argsort(torch.diag(H), descending=True)  # act-order
+    W, H = W[:, perm], H[perm][:, perm]
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        return None
+    s = scale.float()
+    Q = torch.zeros_like(W)
+    cols = W.size(1)
+    for i1 in range(0, cols, GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / s), -qmax, qmax)
+            Q[:, i1 + i] = q
+            err = (col - q * s) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)]
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], args: Hyperparameters,
+                        hessians: dict[str, torch.Tensor] | None = None, log=None) -> dict:
     """The quantised form that is serialised into the artifact."""
-    out = {"scheme": "int8", "q": {}, "scale": {}, "passthrough": {}, "dtype": {}}
+    out = {"q": {}, "scale": {}, "passthrough": {}, "dtype": {}}
     for name, t in state.items():
         t = t.detach().cpu()
         out["dtype"][name] = str(t.dtype).removeprefix("torch.")
-        if t.is_floating_point() and t.ndim == 2 and t.numel() > PASSTHROUGH_MAX_ELEMENTS:
-            out["q"][name], out["scale"][name] = quantize_int8_rows(t)
-        elif t.is_floating_point():
-            keep_fp32 = any(p in name for p in CONTROL_TENSOR_PATTERNS)
-            out["passthrough"][name] = t.float() if keep_fp32 else t.half()
-        else:
-            out["passthrough"][name] = t
+        spec = quant_spec_for(name, t, args)
+        if spec is None:
+            keep_fp32 = not t.is_floating_point() or any(p in name for p in CONTROL_TENSOR_PATTERNS)
+            out["passthrough"][name] = t if keep_fp32 else t.half()
+            continue
+        scale = row_scales(t, spec)
+        q = None
+        if hessians is not None and name in hessians:
+            H = hessians[name]
+            q = gptq_round(t.to(H.device), H, scale.float().to(H.device), spec.qmax)
+            q = None if q is None else q.cpu()
+            if q is None:  # SPEC 4: on Cholesky failure fall back to the clip search
+                if log:
+                    log(f"gptq: Cholesky failed for {name}; using rounding with searched clips")
+                scale = row_scales(t, spec, clip="percentile")
+        if q is None:
+            q = round_to_grid(t.float(), scale.float(), spec.qmax)
+        out["q"][name], out["scale"][name] = q.to(torch.int8), scale
     return out
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor]:
+    """H = mean x x^T of the inputs of every quantised matrix, summed over ranks. The tied embedding
+    gets the output head's inputs (it is the head). A module run several times per forward (depth
+    recurrence) accumulates every pass into the same H."""
+    targets = {f"{name}.weight": m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.startswith("blocks.")}
+    targets["tok_emb.weight" if model.lm_head is None else "lm_head.weight"] = model.head_input
+    sums, counts, hooks = {}, {}, []
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].size(-1))
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.size(0)
+        return hook
+
+    for name, module in targets.items():
+        hooks.append(module.register_forward_hook(hook_for(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            with rt.autocast():
+                model.forward_logits(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for name in sorted(sums):  # the same order on every rank
+        total = rt.all_reduce(torch.cat([sums[name].reshape(-1), torch.tensor([float(counts[name])], device=sums[name].device)]))
+        out[name] = (total[:-1] / total[-1]).view_as(sums[name])
+    return out
+
+
+def training_calibration_batches(loader: "DistributedTokenLoader", args: Hyperparameters, rt: Runtime, local: int):
+    """GPTQ_CALIB_SEQS training sequences over all ranks, in micro-batches of the training shape."""
+    per_batch = max(1, local // args.train_seq_len)
+    remaining = -(-args.gptq_calib_seqs // rt.world_size)
+    while remaining > 0:
+        n = min(per_batch, remaining)
+        yield loader.next_batch(n * args.train_seq_len, args.train_seq_len)[0]
+        remaining -= n
+
+
+@torch.no_grad()
+def selfgen_calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, batch: int = 16):
+    """Sequences sampled from the trained model itself (temperature 0.8, from BOS): calibration
+    that uses no training data, so it needs no share of the training budget."""
+    gen = torch.Generator(device=rt.device).manual_seed(args.seed + 2 + rt.rank)
+    remaining = -(-args.gptq_calib_seqs // rt.world_size)
+    model.eval()
+    while remaining > 0:
+        x = torch.full((min(batch, remaining), 1), BOS_ID, dtype=torch.long, device=rt.device)
+        for _ in range(args.gptq_selfgen_len - 1):
+            with rt.autocast():
+                logits = model.forward_logits(x)[:, -1].float()
+            x = torch.cat([x, torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=gen)], dim=1)
+        remaining -= x.size(0)
+        yield x
 
 
 def dequantize_state_dict(qstate: dict) -> dict[str, torch.Tensor]:
     state = {}
     for name, dtype in qstate["dtype"].items():
-        target = getattr(torch, dtype)
         if name in qstate["q"]:
             t = qstate["q"][name].float() * qstate["scale"][name].float()[:, None]
         else:
             t = qstate["passthrough"][name]
-        state[name] = t.to(target)
+        state[name] = t.to(getattr(torch, dtype))
     return state
+
+
+def serialize(qstate: dict, arch: dict) -> bytes:
+    """A JSON index, then raw tensor bytes grouped by kind (int8 values, scales, passthrough), which
+    compresses better than a pickle and needs no unpickling to read."""
+    index, parts = [], []
+    for section in ("q", "scale", "passthrough"):
+        for name, t in qstate[section].items():
+            t = t.contiguous()
+            index.append([section, name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+            parts.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    meta = json.dumps({"arch": arch, "dtype": qstate["dtype"], "tensors": index}, separators=(",", ":")).encode()
+    return struct.pack("<I", len(meta)) + meta + b"".join(parts)
+
+
+def deserialize(data: bytes) -> tuple[dict, dict]:
+    (n,) = struct.unpack_from("<I", data)
+    meta = json.loads(data[4:4 + n])
+    qstate = {"q": {}, "scale": {}, "passthrough": {}, "dtype": meta["dtype"]}
+    offset = 4 + n
+    for section, name, dtype, shape in meta["tensors"]:
+        dt = getattr(torch, dtype)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        raw = bytearray(data[offset:offset + nbytes])
+        if len(raw) != nbytes:
+            raise ValueError(f"tensor {name} is cut short")
+        qstate[section][name] = torch.frombuffer(raw, dtype=torch.uint8).view(dt).reshape(shape) if nbytes else \
+            torch.zeros(shape, dtype=dt)
+        offset += nbytes
+    if offset != len(data):
+        raise ValueError(f"{len(data) - offset} trailing bytes after the last tensor")
+    return meta["arch"], qstate
+
+
+def byte_shuffle(data: bytes) -> bytes:
+    """Bytes at even offsets, then those at odd offsets (low and high halves of fp16 values apart)."""
+    return data[0::2] + data[1::2]
+
+
+def byte_unshuffle(data: bytes) -> bytes:
+    half = (len(data) + 1) // 2
+    out = bytearray(len(data))
+    out[0::2], out[1::2] = data[:half], data[half:]
+    return bytes(out)
 
 
 def compress(data: bytes, name: str, level: int) -> bytes:
@@ -1265,22 +1503,23 @@ def decompress(data: bytes, name: str) -> bytes:
     return lzma.decompress(data)
 
 
-def pack_artifact(qstate: dict, arch: dict, compressor: str, level: int) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"arch": arch, "weights": qstate}, buf)
-    payload = compress(buf.getvalue(), compressor, level)
+def pack_artifact(qstate: dict, arch: dict, compressor: str, level: int, shuffle: bool = False) -> bytes:
+    raw = serialize(qstate, arch)
+    payload = compress(byte_shuffle(raw) if shuffle else raw, compressor, level)
     header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS.index(compressor),
-                                  len(payload), zlib.crc32(payload))
+                                  FLAG_BYTE_SHUFFLE if shuffle else 0, len(payload), zlib.crc32(payload))
     return header + payload
 
 
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
     """-> (arch, quantised weights). Every failure is one ArtifactError line naming the file."""
-    if len(blob) < ARTIFACT_HEADER.size or blob[:4] != ARTIFACT_MAGIC:
+    if len(blob) < 5 or blob[:4] != ARTIFACT_MAGIC:
         raise ArtifactError(f"{source} is not a train_gpt.py artifact (bad magic)")
-    magic, version, comp, length, crc = ARTIFACT_HEADER.unpack_from(blob)
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"{source} has artifact version {version}; this script reads version {ARTIFACT_VERSION}")
+    if blob[4] != ARTIFACT_VERSION:
+        raise ArtifactError(f"{source} has artifact version {blob[4]}; this script reads version {ARTIFACT_VERSION}")
+    if len(blob) < ARTIFACT_HEADER.size:
+        raise ArtifactError(f"{source} is truncated: {len(blob)} bytes, shorter than the header")
+    _, _, comp, flags, length, crc = ARTIFACT_HEADER.unpack_from(blob)
     if comp >= len(COMPRESSORS):
         raise ArtifactError(f"{source} names unknown compressor #{comp}")
     payload = blob[ARTIFACT_HEADER.size:]
@@ -1289,8 +1528,8 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
     if zlib.crc32(payload) != crc:
         raise ArtifactError(f"{source} is corrupt: CRC32 mismatch")
     try:
-        obj = torch.load(io.BytesIO(decompress(payload, COMPRESSORS[comp])), map_location="cpu", weights_only=True)
-        return obj["arch"], obj["weights"]
+        raw = decompress(payload, COMPRESSORS[comp])
+        return deserialize(byte_unshuffle(raw) if flags & FLAG_BYTE_SHUFFLE else raw)
     except Exception as e:  # a CRC collision or a writer bug: still one line
         raise ArtifactError(f"{source} cannot be decoded: {type(e).__name__}: {e}") from None
 
@@ -1305,9 +1544,25 @@ def read_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return arch, dequantize_state_dict(qstate)
 
 
-def code_bytes() -> int:
-    """Bytes of the code a submission ships: this file as it is on disk."""
-    return Path(__file__).stat().st_size
+def script_source() -> str:
+    """The readable source of this script, also when it runs from its self-extracting copy."""
+    return globals().get("_PACKED_SOURCE") or Path(__file__).read_text(encoding="utf-8")
+
+
+def self_extracting(source: str) -> bytes:
+    """A two-line script that decompresses (lzma, base85) and runs `source` as __main__."""
+    import base64
+    import lzma
+
+    blob = base64.b85encode(lzma.compress(source.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    return (f'import lzma,base64;S=lzma.decompress(base64.b85decode("{blob}")).decode()\n'
+            'exec(compile(S,__file__,"exec"),{"__name__":__name__,"__file__":__file__,"_PACKED_SOURCE":S})\n'
+            ).encode("ascii")
+
+
+def shipped_code(args: Hyperparameters) -> bytes:
+    """The code bytes a submission ships and counts: the self-extracting copy or this file as it is."""
+    return self_extracting(script_source()) if args.self_extract else Path(__file__).read_bytes()
 
 
 # =================================================================================================
@@ -1351,7 +1606,7 @@ def prepare_out_dir(args: Hyperparameters, rt: Runtime) -> Path:
 
 
 def log_header(log: RunLog, args: Hyperparameters, rt: Runtime) -> None:
-    source = Path(__file__).read_text(encoding="utf-8")
+    source = script_source()
     log("hyperparameters:")
     for line in args.dump():
         log(f"  {line}")
@@ -1362,7 +1617,8 @@ def log_header(log: RunLog, args: Hyperparameters, rt: Runtime) -> None:
     log(f"versions: python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}")
     for note in rt.notes:
         log(note)
-    log(f"script: {Path(__file__).name} sha256:{hashlib.sha256(source.encode()).hexdigest()} bytes:{code_bytes()}")
+    log(f"script: {Path(__file__).name} sha256:{hashlib.sha256(source.encode()).hexdigest()} "
+        f"bytes:{len(source.encode())}")
     log("=" * 40 + " source " + "=" * 40, console=False)
     log(source, console=False)
     log("=" * 88, console=False)
@@ -1393,9 +1649,10 @@ CAP_BYTES = 16_000_000  # decimal, not MiB (trap 7)
 @dataclass
 class TrainResult:
     steps: int
-    train_seconds: float
+    train_seconds: float  # including GPTQ calibration on training data
     stopped_early: bool
     pre_quant: EvalResult | None
+    hessians: dict | None = None
 
 
 def batch_split(args: Hyperparameters, rt: Runtime) -> tuple[int, int]:
@@ -1467,7 +1724,7 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
         f"= {args.train_batch_tokens} tokens/step, params {sum(p.numel() for p in raw.parameters())}")
     compile_warmup(model, raw, optimizers, args, rt, accum, local, log)
 
-    cap_s = args.max_wallclock_seconds
+    cap_s = args.train_budget_seconds
     train_s, step, stopped_early, pre_quant = 0.0, 0, False, None
     elapsed_s, last_step_s = 0.0, 0.0  # training seconds agreed by all ranks, duration of the last step
     elapsed = torch.zeros((), dtype=torch.float64, device=rt.device)
@@ -1504,8 +1761,21 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
         if cap_s > 0 and elapsed_s + last_step_s > cap_s and step < args.iterations:
             stopped_early = True
             log(f"stopping_early: wallclock_cap train_time:{1000 * elapsed_s:.0f}ms step:{step}/{args.iterations} "
-                f"(the next step would end past MAX_WALLCLOCK_SECONDS={cap_s:g})")
-    return TrainResult(step, elapsed_s, stopped_early, pre_quant)
+                f"(the next step would end past the training budget of {cap_s:g}s)")
+    hessians = None
+    if args.gptq and args.gptq_calib == "train":  # training data: inside the training time (#1868)
+        rt.sync()
+        t0 = time.perf_counter()
+        hessians = collect_hessians(raw, training_calibration_batches(loader, args, rt, local), rt)
+        rt.sync()
+        calib_s = time.perf_counter() - t0
+        elapsed_s += calib_s
+        log(f"gptq_calibration: {args.gptq_calib_seqs} training sequences in {calib_s:.1f}s, counted as training "
+            f"(train_time:{1000 * elapsed_s:.0f}ms, GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g})")
+        if args.max_wallclock_seconds > 0 and elapsed_s > args.max_wallclock_seconds:
+            log(f"WARNING: training plus calibration took {elapsed_s:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
+    return TrainResult(step, elapsed_s, stopped_early, pre_quant, hessians)
 
 
 @dataclass
@@ -1519,17 +1789,27 @@ class ArtifactInfo:
         return self.bytes_model + self.bytes_code
 
 
-def write_artifact(raw: GPT, args: Hyperparameters, rt: Runtime, out_dir: Path, log) -> ArtifactInfo:
+def scheme_name(args: Hyperparameters) -> str:
+    """The quantisation scheme as the log lines name it, e.g. int8_zlib or int6_gptq_brotli."""
+    return f"int{args.matrix_bits}{'_gptq' if args.gptq else ''}_{args.compressor}"
+
+
+def write_artifact(raw: GPT, args: Hyperparameters, rt: Runtime, out_dir: Path, log, hessians=None) -> ArtifactInfo:
     path = out_dir / "model.ptz"
+    code = shipped_code(args)
     if rt.master:
-        blob = pack_artifact(quantize_state_dict(raw.state_dict()), architecture_of(args),
-                             args.compressor, args.compress_level)
+        t0 = time.perf_counter()
+        qstate = quantize_state_dict(raw.state_dict(), args, hessians, log)
+        blob = pack_artifact(qstate, architecture_of(args), args.compressor, args.compress_level, args.byte_shuffle)
         atomic_write_bytes(path, blob)
+        if args.self_extract:
+            atomic_write_bytes(out_dir / "train_gpt_packed.py", code)
+        log(f"artifact: quantised{' with GPTQ' if hessians else ''} and packed in {time.perf_counter() - t0:.1f}s")
     rt.barrier()
-    info = ArtifactInfo(path, path.stat().st_size, code_bytes())
-    scheme = f"int8_{args.compressor}"
+    info = ArtifactInfo(path, path.stat().st_size, len(code))
+    scheme = scheme_name(args)
     log(f"Serialized model {scheme}: {info.bytes_model} bytes")
-    log(f"Code size: {info.bytes_code} bytes")
+    log(f"Code size: {info.bytes_code} bytes{' (self-extracting copy: train_gpt_packed.py)' if args.self_extract else ''}")
     log(f"Total submission size {scheme}: {info.bytes_total} bytes")
     if info.bytes_total > CAP_BYTES:
         log(f"ERROR: bytes_total {info.bytes_total} exceeds the {CAP_BYTES}-byte cap by "
@@ -1555,7 +1835,7 @@ def score_artifact(path, args, rt, val_tokens, tables, out_dir: Path, log) -> di
     """Every evaluation stage on the model read back from the artifact, in order; the last one is
     the submission's score. Each stage's seconds are measured and checked against the budget."""
     model = model_from_artifact(str(path), args, rt, log)
-    scheme = f"int8_{args.compressor}"
+    scheme = scheme_name(args)
     stages = {}
 
     def report(name: str, tag: str, r: EvalResult, extra: str = "") -> None:
@@ -1630,7 +1910,13 @@ def run_training(args, rt, out_dir, train_files, val_tokens, tables, log) -> int
     torch.manual_seed(args.seed)
     raw = GPT(args, rt.attn_backend).to(rt.device)
     result = train(args, rt, raw, train_files, val_tokens, tables, log)
-    art = write_artifact(raw, args, rt, out_dir, log)
+    hessians = result.hessians
+    if args.gptq and args.gptq_calib == "selfgen":
+        t0 = time.perf_counter()
+        hessians = collect_hessians(raw, selfgen_calibration_batches(raw, args, rt), rt)
+        log(f"gptq_calibration: {args.gptq_calib_seqs} self-generated sequences of {args.gptq_selfgen_len} tokens "
+            f"in {time.perf_counter() - t0:.1f}s (no training data)")
+    art = write_artifact(raw, args, rt, out_dir, log, hessians)
     stages = score_artifact(art.path, args, rt, val_tokens, tables, out_dir, log)
     if rt.master:
         write_submission(out_dir, args, rt, result, art, stages)
@@ -1661,11 +1947,50 @@ def run_eval_only(args, rt, out_dir, val_tokens, tables, log) -> int:
     return 0
 
 
+def run_size_check(args: Hyperparameters) -> int:
+    """SIZE_CHECK=1 (SPEC section 0): the artifact bytes of the configured model and scheme, no data.
+    Random-normal weights, never the zero-initialised ones (they would compress to nothing); clip by
+    std or quantile is scale-invariant, so the integers match a trained model's closely."""
+    t0 = time.perf_counter()
+    model = GPT(args)
+    if args.size_check_from:
+        if Path(args.size_check_from).read_bytes()[:4] == ARTIFACT_MAGIC:
+            _, state = read_artifact(args.size_check_from)
+        else:
+            state = torch.load(args.size_check_from, map_location="cpu", weights_only=True)
+            state = state.get("model", state)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"SIZE_CHECK_FROM={args.size_check_from} does not fit the configured model: "
+                              f"{str(e).splitlines()[0]}") from None
+    else:
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+    n_params = sum(p.numel() for p in model.parameters())
+    qstate = quantize_state_dict(model.state_dict(), args)
+    model_bytes = len(pack_artifact(qstate, architecture_of(args), args.compressor, args.compress_level, args.byte_shuffle))
+    code_bytes = len(shipped_code(args))
+    total = model_bytes + code_bytes
+    print(f"size_check preset:{args.preset} params:{n_params} bytes_model:{model_bytes} bytes_code:{code_bytes} "
+          f"bytes_total:{total} limit:{CAP_BYTES}")
+    verdict = "OK" if total <= CAP_BYTES else f"OVER by {total - CAP_BYTES} bytes"
+    print(f"size_check: {verdict}; scheme {scheme_name(args)}{' (GPTQ not run: no data)' if args.gptq else ''}, "
+          f"{8 * model_bytes / n_params:.3f} bits/parameter, {time.perf_counter() - t0:.1f}s", flush=True)
+    return 0 if total <= CAP_BYTES else 1
+
+
 def run(env: Mapping[str, str]) -> int:
     rt = None
     log = RunLog(None, master=False)
     try:
         args = Hyperparameters.from_env(env)
+        for w in args.warnings if args.size_check else []:
+            print(f"WARNING: {w}", file=sys.stderr, flush=True)
+        if args.size_check:
+            return run_size_check(args)
         rt = init_runtime(args, env)
         if not args.eval_only:
             batch_split(args, rt)  # the checks that need the world size, before any work
