@@ -356,7 +356,7 @@ PRESETS: dict[str, dict] = {
         train_seq_len=1024, eval_seq_len=1024, train_batch_tokens=524288, qk_gain_init=1.5,
         matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, muon_momentum=0.95,
         muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, warmdown_iters=1200,
-        compressor="zlib", compress_level=9, eval_stride=0, ttt_enabled=False,
+        compressor="zlib", eval_stride=0, ttt_enabled=False,
     ),
     # CPU-sized: the sample corpus built by data/build_shards.py (see README), about 3 minutes
     # end to end on 2 CPU cores, every stage run.
@@ -367,7 +367,7 @@ PRESETS: dict[str, dict] = {
         max_wallclock_seconds=150.0, warmdown_iters=150, val_loss_every=0, train_log_every=50,
         compile_warmup_steps=0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
         muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=100,
-        compressor="zlib", compress_level=9, eval_stride=64, ttt_enabled=True, ttt_chunk_tokens=4096,
+        compressor="zlib", eval_stride=64, ttt_enabled=True, ttt_chunk_tokens=4096,
         ttt_lr=0.005, ttt_epochs=3, ttt_batch_seqs=16,
     ),
 }
@@ -423,6 +423,10 @@ class Runtime:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+CPU_RUNTIME_FOR_TESTS = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False,
+                                autocast_dtype=None, attn_backend="sdpa", compile=False)
 
 
 def launched_by_torchrun(env: Mapping[str, str]) -> bool:
@@ -1263,11 +1267,10 @@ def to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
 def row_quantiles(a: torch.Tensor, qs) -> torch.Tensor:
     """(len(qs), rows): torch.quantile(a, qs, dim=1) with linear interpolation, without its size limit."""
     srt = a.sort(dim=1).values
-    pos = torch.tensor(qs, dtype=torch.float64) * (a.size(1) - 1)
-    lo = pos.floor().long()
+    pos = torch.tensor(qs, dtype=a.dtype) * (a.size(1) - 1)  # as torch.quantile computes it
+    lo = pos.long()
     hi = torch.clamp(lo + 1, max=a.size(1) - 1)
-    frac = (pos - lo).to(a.dtype)[:, None]
-    return srt[:, lo].T * (1 - frac) + srt[:, hi].T * frac
+    return torch.lerp(srt[:, lo].T, srt[:, hi].T, (pos - lo)[:, None])
 
 
 def row_scales(w: torch.Tensor, spec: QuantSpec, clip: str | None = None) -> torch.Tensor:

@@ -14,11 +14,10 @@ import torch
 
 from conftest import log_values, run_script, tiny_env
 from test_model import randomize, tiny_args
-from train_gpt import (GPT, ByteTables, Runtime, eval_windows, evaluate, evaluate_ttt, read_shard, ttt_lr_at,
+from train_gpt import (CPU_RUNTIME_FOR_TESTS, GPT, ByteTables, eval_windows, evaluate, evaluate_ttt, read_shard, ttt_lr_at,
                        ttt_train_chunk, window_sums, write_shard)
 
-CPU = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False,
-              autocast_dtype=None, attn_backend="sdpa", compile=False)
+CPU = CPU_RUNTIME_FOR_TESTS
 
 
 @pytest.mark.parametrize("n, L, stride", [(10, 32, 8), (32, 32, 8), (33, 32, 8), (200, 32, 8), (203, 32, 7),

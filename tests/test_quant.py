@@ -1,79 +1,225 @@
-"""int8 per-row quantisation error bounds, and the artifact: exact round trip for every compressor,
-and one clear error for truncated, corrupt, foreign or future-version files (SPEC section 4)."""
+"""Quantisation and the artifact (SPEC section 4): row scales against brute force and torch, GPTQ
+against plain rounding on a trained model's activations, an exact round trip for every scheme,
+compressor and byte shuffle, one clear error for bad files, SIZE_CHECK and the self-extracting copy."""
 
-import struct
+import json
+import subprocess
+import sys
+import zlib
 
 import pytest
 import torch
 
-from train_gpt import (ARTIFACT_HEADER, COMPRESSORS, GPT, ArtifactError, Hyperparameters, architecture_of,
-                       dequantize_state_dict, pack_artifact, quantize_int8_rows, quantize_state_dict,
-                       unpack_artifact)
+from conftest import ROOT, log_values, run_script, tiny_env
+from train_gpt import (ARTIFACT_HEADER, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, PERCENTILE_CANDIDATES,
+                       ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
+                       build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
+                       gptq_round, pack_artifact, quantize_state_dict, round_to_grid, row_quantiles, row_scales,
+                       shard_files, to_fp16_scale, training_step, unpack_artifact)
+
+CPU = CPU_RUNTIME_FOR_TESTS
 
 
-def test_int8_rows_error_bound_and_range():
+def test_row_quantiles_match_torch():
     torch.manual_seed(0)
-    w = torch.randn(64, 300)
-    w[3] = 0.0  # a zero row (zero-initialised projections) must not divide by zero
-    q, scale = quantize_int8_rows(w)
-    assert q.dtype == torch.int8 and scale.dtype == torch.float16
-    assert q.abs().max() <= 127 and torch.all(q[3] == 0)
-    deq = q.float() * scale.float()[:, None]
-    clip = torch.quantile(w.abs(), 0.9999984, dim=1, keepdim=True)
-    inside = w.abs() <= clip
-    err = (deq - w).abs()
-    assert torch.all(err[inside] <= scale.float()[:, None].expand_as(w)[inside] / 2 + 1e-6)
-    assert torch.isfinite(deq).all()
+    a = torch.randn(40, 301).abs()
+    qs = list(PERCENTILE_CANDIDATES) + [0.5, 0.9999984]
+    torch.testing.assert_close(row_quantiles(a, qs), torch.quantile(a, torch.tensor(qs), dim=1), rtol=1e-6, atol=1e-7)
 
 
-def trained_like_state():
-    args = Hyperparameters.from_env({"VOCAB_SIZE": "512", "NUM_LAYERS": "2", "MODEL_DIM": "256",
-                                     "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2"})
+def test_row_scales_by_hand():
+    torch.manual_seed(0)
+    w = torch.randn(16, 500) * torch.linspace(0.1, 3, 16)[:, None]
+    w[3] = 0.0  # a zero row must not divide by zero
+    spec = QuantSpec(6, "sdclip", 12.85)
+    assert torch.equal(row_scales(w, spec), to_fp16_scale(12.85 * w.std(dim=1) / 31))
+    assert torch.equal(row_scales(w, QuantSpec(8, "quantile", 0)),
+                       to_fp16_scale(torch.quantile(w.abs(), 0.9999984, dim=1) / 127))
+    chosen = row_scales(w, QuantSpec(6, "percentile", 0)).float()
+    for r in range(16):  # brute force: the candidate with the lowest squared error, row by row
+        errs = []
+        for p in PERCENTILE_CANDIDATES:
+            s = to_fp16_scale(torch.quantile(w[r].abs(), p)[None] / 31).float()
+            errs.append((((round_to_grid(w[r:r + 1], s, 31) * s) - w[r]) ** 2).sum().item())
+        best = PERCENTILE_CANDIDATES[min(range(len(errs)), key=errs.__getitem__)]
+        assert chosen[r] == to_fp16_scale(torch.quantile(w[r].abs(), best)[None] / 31).float()[0]
+    for bits in (6, 7, 8):
+        spec = QuantSpec(bits, "sdclip", 3.0)
+        q = round_to_grid(w, row_scales(w, spec).float(), spec.qmax)
+        assert q.abs().max() == spec.qmax and torch.all(q[3] == 0)
+
+
+def test_gptq_with_uncorrelated_inputs_is_plain_rounding():
+    torch.manual_seed(0)
+    w = torch.randn(32, 200)
+    s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
+    H = torch.diag(torch.rand(200) + 0.5)  # diagonal: no error can be compensated elsewhere
+    assert torch.equal(gptq_round(w, H, s, 31), round_to_grid(w, s, 31))
+    H[5, 5] = 0.0  # a dead column: zeroed
+    assert torch.all(gptq_round(w, H, s, 31)[:, 5] == 0)
+
+
+def test_gptq_falls_back_on_cholesky_failure():
+    bad = torch.full((8, 8), float("nan"))
+    assert gptq_round(torch.randn(4, 8), bad, torch.ones(4), 31) is None
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_data):
+    """A 2-layer, 64-wide model trained 60 steps on the sample, and Hessians of its layers."""
+    env = dict(PRESET="smoke", VOCAB_SIZE="320", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+               MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="4096", GRAD_ACCUM_STEPS="1")
+    args = Hyperparameters.from_env(env)
+    torch.manual_seed(0)
     model = GPT(args)
+    optimizers = build_optimizers(model, args, CPU.device)
+    loader = DistributedTokenLoader(shard_files(str(tiny_data), "train"), 320, 0, 1, "cpu")
+    for _ in range(60):
+        training_step(model, optimizers, [loader.next_batch(4096, 64)], args, CPU, 1)
+    hessians = collect_hessians(model, [loader.next_batch(4096, 64)[0] for _ in range(4)], CPU)
+    return model, hessians
+
+
+def test_gptq_beats_rounding_on_trained_activations(trained_tiny):
+    model, hessians = trained_tiny
+    state = model.state_dict()
+    assert "tok_emb.weight" in hessians  # the tied embedding is calibrated on the head's inputs
+    gains = []
+    for name, H in hessians.items():
+        w = state[name]
+        s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
+        err = lambda q: torch.trace((w - q * s[:, None]) @ H @ (w - q * s[:, None]).T).sqrt().item()  # noqa: E731
+        gains.append(1 - err(gptq_round(w, H, s, 31)) / err(round_to_grid(w, s, 31)))
+    assert len(gains) == 2 * 6 + 1
+    print("gptq reconstruction-error reduction per layer:", [round(g, 3) for g in gains])
+    assert sum(gains) / len(gains) >= 0.20, gains
+
+
+def scheme_args(bits, clip, embed_bits):
+    return Hyperparameters.from_env({"VOCAB_SIZE": "512", "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "4",
+                                     "NUM_KV_HEADS": "2", "MLP_MULT": "2", "MATRIX_BITS": str(bits),
+                                     "QUANT_CLIP": clip, "EMBED_BITS": str(embed_bits)})
+
+
+SCHEMES = [(8, "quantile", 8, False), (6, "percentile", 8, False), (6, "sdclip", 7, False), (6, "sdclip", 7, True)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"int{s[0]}-{s[1]}-emb{s[2]}{'-gptq' if s[3] else ''}")
+@pytest.mark.parametrize("compressor", COMPRESSORS)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_artifact_round_trip_is_exact(scheme, compressor, shuffle):
+    bits, clip, embed_bits, gptq = scheme
+    args = scheme_args(bits, clip, embed_bits)
     torch.manual_seed(0)
+    model = GPT(args)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return args, model.state_dict()
-
-
-@pytest.mark.parametrize("compressor", COMPRESSORS)
-def test_artifact_round_trip_is_exact(compressor):
-    args, state = trained_like_state()
-    qstate = quantize_state_dict(state)
-    assert qstate["q"], "some matrices must be quantised"
-    assert "blocks.0.attn_scale" in qstate["passthrough"]
+    hessians = None
+    if gptq:
+        hessians = collect_hessians(model, [torch.randint(0, 512, (4, 64))], CPU)
+    qstate = quantize_state_dict(model.state_dict(), args, hessians)
+    assert set(qstate["q"]) == {n for n, t in model.state_dict().items() if t.numel() > 65536}
     before = dequantize_state_dict(qstate)
-    arch, q2 = unpack_artifact(pack_artifact(qstate, architecture_of(args), compressor, -1))
+    arch, q2 = unpack_artifact(pack_artifact(qstate, architecture_of(args), compressor, 3, shuffle))
     after = dequantize_state_dict(q2)
     assert arch == architecture_of(args)
-    assert before.keys() == after.keys() == state.keys()
+    assert before.keys() == after.keys() == model.state_dict().keys()
     for name in before:
-        assert before[name].dtype == state[name].dtype
+        assert before[name].dtype == model.state_dict()[name].dtype
         assert torch.equal(before[name], after[name]), name
+    top = q2["q"]["tok_emb.weight"].abs().max()
+    assert top <= 2 ** (embed_bits - 1) - 1 and (clip == "sdclip" or top == 2 ** (embed_bits - 1) - 1)
+
+
+def test_byte_shuffle_inverts():
+    for data in (b"", b"a", b"ab", bytes(range(255))):
+        assert byte_unshuffle(byte_shuffle(data)) == data
+    assert byte_shuffle(b"abcdef") == b"acebdf"
 
 
 def test_bad_artifacts_give_one_clear_error():
-    args, state = trained_like_state()
-    blob = pack_artifact(quantize_state_dict(state), architecture_of(args), "zlib", 9)
+    args = scheme_args(8, "quantile", 8)
+    blob = pack_artifact(quantize_state_dict(GPT(args).state_dict(), args), architecture_of(args), "zlib", 9)
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0xFF
     future = bytearray(blob)
     future[4] = 99
+    junk = b"not zlib data at all"
     cases = [
         (blob[:-100], "truncated"),
-        (blob[:10], "bad magic"),
+        (blob[:10], "truncated"),
+        (b"PG", "bad magic"),
         (bytes(flipped), "CRC32"),
         (b"PK\x03\x04 a zip file" + blob, "bad magic"),
         (bytes(future), "version 99"),
-        (ARTIFACT_HEADER.pack(b"PGLF", 1, 0, 5, 0) + b"hello", "CRC32"),
+        (ARTIFACT_HEADER.pack(b"PGLF", 2, 0, 0, len(junk), zlib.crc32(junk)) + junk, "cannot be decoded"),
+        (ARTIFACT_HEADER.pack(b"PGLF", 2, 9, 0, len(junk), zlib.crc32(junk)) + junk, "unknown compressor"),
     ]
     for data, words in cases:
         with pytest.raises(ArtifactError, match=words) as e:
             unpack_artifact(data)
         assert "\n" not in str(e.value)
-    junk = b"not zlib data at all"
-    import zlib
-    with pytest.raises(ArtifactError, match="cannot be decoded"):
-        unpack_artifact(ARTIFACT_HEADER.pack(b"PGLF", 1, 0, len(junk), zlib.crc32(junk)) + junk)
-    assert struct.calcsize("<4sBBQI") == ARTIFACT_HEADER.size
+
+
+def size_check(**env):
+    full = {"SIZE_CHECK": "1", "PYTHONWARNINGS": "ignore", "PATH": "/usr/bin:/bin", **{k: str(v) for k, v in env.items()}}
+    return subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=full, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_size_check_line_and_verdict():
+    ok = size_check(NUM_LAYERS=2, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, COMPRESSOR="zlib")
+    assert ok.returncode == 0, ok.stderr
+    line = ok.stdout.splitlines()[0]
+    assert line.startswith("size_check preset:baseline params:") and line.endswith(" limit:16000000")
+    b = {k: int(v) for k, v in (x.split(":") for x in line.split()[2:])}
+    assert b["bytes_total"] == b["bytes_model"] + b["bytes_code"] and b["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
+    over = size_check(VOCAB_SIZE=65536, NUM_LAYERS=1, COMPRESSOR="zlib", COMPRESS_LEVEL=1)
+    assert over.returncode == 1 and "OVER by" in over.stdout
+
+
+@pytest.mark.slow
+def test_size_check_full_size_default_stack_fits():
+    """11 layers x 512, vocab 8192, MLP 4x: int6 SDClip matrices, int7 embedding, brotli-11, code
+    counted as its self-extracting copy (about 80 s on 2 cores)."""
+    proc = size_check(VOCAB_SIZE=8192, NUM_LAYERS=11, MODEL_DIM=512, MLP_MULT=4, MATRIX_BITS=6, QUANT_CLIP="sdclip", COMPRESS_LEVEL=-1,
+                      EMBED_BITS=7, EMBED_CLIP_SIGMAS=15, COMPRESSOR="brotli", BYTE_SHUFFLE=1, SELF_EXTRACT=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    total = int(log_values(proc.stdout, "bytes_total")[0])
+    assert 14_000_000 < total <= 16_000_000
+
+
+def test_self_extracting_copy_runs_and_reproduces(tiny_data, tmp_path):
+    a = run_script(tiny_env(tiny_data, tmp_path / "a", SELF_EXTRACT=1, TTT_ENABLED=0))
+    assert a.returncode == 0, a.stderr[-3000:]
+    packed = tmp_path / "a" / "train_gpt_packed.py"
+    sub = json.loads((tmp_path / "a" / "submission.json").read_text())
+    assert sub["bytes_code"] == packed.stat().st_size < (ROOT / "train_gpt.py").stat().st_size / 2
+    env = {k: v for k, v in tiny_env(tiny_data, tmp_path / "b", TTT_ENABLED=0).items()}
+    full = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env}
+    b = subprocess.run([sys.executable, str(packed)], env=full, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "submission.json").read_text())["val_bpb"] == sub["val_bpb"]
+    assert "def main()" in (tmp_path / "b" / "train.log").read_text()  # the log keeps the readable source
+
+
+@pytest.mark.parametrize("calib", ["train", "selfgen"])
+def test_gptq_run_end_to_end(tiny_data, tmp_path, calib):
+    env = tiny_env(tiny_data, tmp_path, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=5, GPTQ=1, MATRIX_BITS=6,
+                   QUANT_CLIP="sdclip", GPTQ_CALIB=calib, GPTQ_CALIB_SEQS=8, GPTQ_SELFGEN_LEN=16, TTT_ENABLED=0,
+                   COMPRESSOR="brotli", BYTE_SHUFFLE=1)
+    proc = run_script(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "artifact: quantised with GPTQ" in proc.stdout and "final_int6_gptq_brotli_roundtrip_exact" in proc.stdout
+    assert ("counted as training" in proc.stdout) == (calib == "train")
+
+
+def test_quant_benchmark_runs_in_quick_mode(tiny_data, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/bench/quant_bench.py"), "--quick", "--data", str(tiny_data),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["compressors"]) == 2 * len(COMPRESSORS)
+    assert [r["scheme"] for r in result["quant_gaps"]] == ["int8 quantile", "int6 round (sdclip)", "int6 GPTQ (sdclip)"]
