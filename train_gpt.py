@@ -144,6 +144,35 @@ class Hyperparameters:
     rope_base: float = knob(10000.0, "RoPE base (never rescaled with the sequence length)", lo=1.0)
     qk_gain_init: float = knob(1.5, "initial per-head gain on q after QK-norm and RoPE", lo=0.0)
     unet_skips: bool = knob(True, "first half of the layers feeds the second half, weighted per dim")
+    # --- architecture features (SPEC section 2), each off unless a preset turns it on
+    rope_dims: int = knob(0, "rotate only the first N dims of each head (partial RoPE); 0 = all", lo=0)
+    ln_scale: bool = knob(False, "scale each block's normalised inputs by 1/sqrt(i+1), i = virtual depth")
+    xsa_last_n: int = knob(0, "exclusive self-attention in the last N physical layers; 0 = off, "
+                           ">= NUM_LAYERS = all", lo=0)
+    gated_attn: str = knob("0", "sigmoid gate per head: 1 = from the block input, headwise = from the "
+                           "head's own output after XSA", choices=("0", "1", "headwise"))
+    value_residual: bool = knob(False, "layers after the first mix in layer 0's values: v = l0*v0 + l1*v")
+    ve_enabled: bool = knob(False, "value embeddings: a shared table added to v in VE_LAYERS")
+    ve_dim: int = knob(128, "width of the value-embedding table", lo=1)
+    ve_layers: str = knob("9,10", "physical layers that receive value embeddings (comma-separated)")
+    smear_gate: bool = knob(False, "mix each position's embedding with the previous one (never across BOS)")
+    bigram_vocab_size: int = knob(0, "BigramHash buckets (the last one reserved); 0 = off", lo=0)
+    bigram_dim: int = knob(128, "BigramHash embedding width", lo=1)
+    mlp_act: str = knob("relu2", "MLP activation: relu(z)^2 or leaky_relu(z, LEAKY_SLOPE)^2", choices=("relu2", "leaky2"))
+    leaky_slope: float = knob(0.5, "negative slope of leaky2", lo=0.0, hi=1.0)
+    skip_gates: bool = knob(False, "U-Net skips blend x = g*x + (1-g)*(w*skip), g = sigmoid(gate)")
+    num_loops: int = knob(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END", lo=0, hi=8)
+    loop_start: int = knob(3, "first physical layer of the recurrent span", lo=0)
+    loop_end: int = knob(5, "last physical layer of the recurrent span (inclusive)", lo=0)
+    enable_looping_at: float = knob(0.35, "fraction of the training budget after which looping is on", lo=0.0, hi=1.0)
+    parallel_residual_start: int = knob(-1, "from this physical layer on, attention and MLP read the same "
+                                        "input; -1 = off", lo=-1)
+    attn_res: bool = knob(False, "block attention residuals: route each layer's input over detached "
+                          "block-boundary states")
+    attn_res_block_size: int = knob(2, "layers per block of the attention-residual source bank", lo=1)
+    attn_res_mix: float = knob(0.25, "input = (1-mix)*x + mix*routed", lo=0.0, hi=1.0)
+    attn_res_temp: float = knob(1.1, "softmax temperature of the routing", lo=1e-3)
+    ortho_init: bool = knob(False, "orthogonal init of block and projection matrices; output projections zero")
     # --- training length and batch
     iterations: int = knob(20000, "maximum optimizer steps", lo=1)
     max_wallclock_seconds: float = knob(600.0, "training-time cap in seconds; 0 = no cap", lo=0.0)
@@ -253,6 +282,18 @@ class Hyperparameters:
         if self.train_batch_tokens % self.train_seq_len:
             raise ConfigError(
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        if self.ve_enabled:
+            layers = self.ve_layer_list
+            if not layers or any(i < 0 or i >= self.num_layers for i in layers) or len(set(layers)) != len(layers):
+                raise ConfigError(f"VE_LAYERS={self.ve_layers!r} must list distinct layers in 0..{self.num_layers - 1}")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise ConfigError(f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
+                              f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        if self.bigram_vocab_size == 1:
+            raise ConfigError("BIGRAM_VOCAB_SIZE=1 leaves no bucket besides the reserved one; use 0 (off) or >= 2")
         if self.eval_stride >= self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be smaller than EVAL_SEQ_LEN={self.eval_seq_len} "
                               "(0 turns the sliding window off)")
@@ -263,6 +304,13 @@ class Hyperparameters:
                               f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g}")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 needs ARTIFACT=path/to/model.ptz")
+
+    @property
+    def ve_layer_list(self) -> list[int]:
+        try:
+            return [int(x) for x in self.ve_layers.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"VE_LAYERS={self.ve_layers!r} is not a comma-separated list of layer numbers") from None
 
     @property
     def train_budget_seconds(self) -> float:
@@ -358,17 +406,21 @@ PRESETS: dict[str, dict] = {
         muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, warmdown_iters=1200,
         compressor="zlib", eval_stride=0, ttt_enabled=False,
     ),
-    # CPU-sized: the sample corpus built by data/build_shards.py (see README), about 3 minutes
-    # end to end on 2 CPU cores, every stage run.
+    # CPU-sized: the sample corpus built by data/build_shards.py (see README) and the default stack's
+    # architecture (that of pr2005, SPEC section 7) at 4 layers x 128; about 3 minutes end to end on
+    # 2 CPU cores with every stage run (GPTQ, sliding window, TTT).
     "smoke": dict(
         data_path="./data/sample/shakespeare_sp1024", tokenizer_path="./data/sample/shakespeare_sp1024/tokenizer.model",
-        vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2,
+        vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=4,
+        mlp_act="leaky2", rope_dims=16, ln_scale=True, xsa_last_n=4, gated_attn="headwise", skip_gates=True,
+        num_loops=2, loop_start=1, loop_end=2, enable_looping_at=0.35,
         train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192, iterations=100000,
         max_wallclock_seconds=150.0, warmdown_iters=150, val_loss_every=0, train_log_every=50,
         compile_warmup_steps=0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
         muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=100,
-        compressor="zlib", eval_stride=64, ttt_enabled=True, ttt_chunk_tokens=4096,
-        ttt_lr=0.005, ttt_epochs=3, ttt_batch_seqs=16,
+        matrix_bits=6, embed_bits=7, quant_clip="sdclip", embed_clip_sigmas=15.0, gptq=True,
+        gptq_calib_seqs=32, gptq_reserve_seconds=3.0, compressor="brotli", byte_shuffle=True, self_extract=True,
+        eval_stride=64, ttt_enabled=True, ttt_chunk_tokens=4096, ttt_lr=0.005, ttt_epochs=3, ttt_batch_seqs=16,
     ),
 }
 
@@ -685,9 +737,13 @@ def load_validation(args: Hyperparameters) -> torch.Tensor:
 # =================================================================================================
 # 5. THE MODEL
 # The naive baseline's transformer (SPEC section 2): GQA attention with RoPE and QK-norm plus a
-# learnable per-head gain, weightless RMSNorm, relu^2 MLP, per-dim residual scales, resid_mix with
-# the normalised input embedding x0, U-Net skips with per-dim weights, tied embeddings and a tanh
-# logit softcap. Weights stay float32; matrix products run in bf16 under autocast.
+# learnable per-head gain, weightless RMSNorm, per-dim residual scales, resid_mix with the
+# normalised input embedding x0, U-Net skips, tied embeddings and a tanh logit softcap. Every
+# feature of the seed systems is switchable (variables in section 2): partial RoPE, LN scale, XSA,
+# gated attention, value residual, value embeddings, SmearGate, BigramHash, leaky2 MLP, gated skips,
+# depth recurrence, parallel residuals, block attention residuals, OrthoInit. Weights stay float32;
+# matrix products run in bf16 under autocast. Every feature keeps the model causal, and nothing
+# crosses a BOS that would carry one document into the next.
 # =================================================================================================
 
 
@@ -696,8 +752,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """RoPE with half-split pairing. Frequencies use the rotated width and a fixed base: nothing is
-    rescaled with the sequence length (trap 6). No buffers, so DDP has nothing to broadcast."""
+    """RoPE with half-split pairing over the first `dim` dims of a head. Frequencies use the rotated
+    width and a fixed base: nothing is rescaled with the sequence length (trap 6). No buffers."""
 
     def __init__(self, dim: int, base: float):
         super().__init__()
@@ -705,16 +761,17 @@ class Rotary(nn.Module):
 
     def forward(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2) float32
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, dim/2)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, dim/2) float32
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, D); rotate pairs (x[i], x[i + D/2])."""
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """x: (B, T, H, D); rotate pairs (x[i], x[i + r/2]) of the first r = 2 * cos.size(-1) dims."""
+    r = 2 * cos.size(-1)
+    half = r // 2
+    x1, x2, rest = x[..., :half], x[..., half:r], x[..., r:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
@@ -733,28 +790,56 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return y.transpose(1, 2)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, args: Hyperparameters, attn_backend: str):
-        super().__init__()
-        self.num_heads, self.num_kv_heads = args.num_heads, args.num_kv_heads
-        self.head_dim = args.model_dim // args.num_heads
-        self.attn_backend = attn_backend
-        kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(args.model_dim, args.model_dim, bias=False)
-        self.c_k = nn.Linear(args.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(args.model_dim, kv_dim, bias=False)
-        self.proj = nn.Linear(args.model_dim, args.model_dim, bias=False)
-        self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along its own token's value direction.
+    y: (B, T, H, D), v: (B, T, Hkv, D); the query heads of a group share their kv head's v (no repeat)."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    v_hat = F.normalize(v, dim=-1)[:, :, :, None, :]
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, H, D)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, args: Hyperparameters, layer: int, attn_backend: str):
+        super().__init__()
+        H, Hkv, d = args.num_heads, args.num_kv_heads, args.model_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d // H
+        self.attn_backend = attn_backend
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, Hkv * self.head_dim, bias=False)
+        self.c_v = nn.Linear(d, Hkv * self.head_dim, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.q_gain = nn.Parameter(torch.full((H,), args.qk_gain_init))
+        self.xsa = layer >= args.num_layers - args.xsa_last_n
+        self.gate_mode = args.gated_attn
+        if self.gate_mode != "0":
+            # Gates start near 1 (weights 0, bias 4: sigmoid(4) = 0.98), so a block starts ungated.
+            self.gate_w = nn.Parameter(torch.zeros(H, d if self.gate_mode == "1" else self.head_dim))
+            self.gate_b = nn.Parameter(torch.full((H,), 4.0))
+        # Value residual: every layer but the first mixes in layer 0's values.
+        self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5])) if args.value_residual and layer > 0 else None
+
+    def forward(self, x, cos, sin, v0=None, ve=None):
+        """x: normalised block input (B, T, d). Returns (output, v) so layer 0 can share its values."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if ve is not None:
+            v = v + ve.view_as(v).to(v.dtype)
+        if self.vr_lambda is not None and v0 is not None:
+            lam = self.vr_lambda.to(v.dtype)
+            v = lam[0] * v0.to(v.dtype) + lam[1] * v
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin)
         y = causal_attention(q, k, v, self.attn_backend)  # (B, T, H, D)
-        return self.proj(y.reshape(B, T, -1))
+        if self.gate_mode == "1":  # from the block's normalised input; per-head scalars commute with XSA
+            y = y * torch.sigmoid(F.linear(x, self.gate_w.to(x.dtype)) + self.gate_b.to(x.dtype))[..., None]
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        if self.gate_mode == "headwise":  # after XSA, from each head's own output (seed PR2005)
+            y = y * torch.sigmoid((y * self.gate_w.to(y.dtype)).sum(-1) + self.gate_b.to(y.dtype))[..., None]
+        return self.proj(y.reshape(B, T, -1)), v
 
 
 class MLP(nn.Module):
@@ -763,25 +848,69 @@ class MLP(nn.Module):
         hidden = args.mlp_mult * args.model_dim
         self.fc = nn.Linear(args.model_dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, args.model_dim, bias=False)
+        self.act, self.slope = args.mlp_act, args.leaky_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        z = self.fc(x)
+        z = torch.relu(z) if self.act == "relu2" else F.leaky_relu(z, self.slope)
+        return self.proj(z.square())
 
 
 class Block(nn.Module):
-    def __init__(self, args: Hyperparameters, attn_backend: str):
+    def __init__(self, args: Hyperparameters, layer: int, attn_backend: str):
         super().__init__()
         d = args.model_dim
-        self.attn = CausalSelfAttention(args, attn_backend)
+        self.attn = CausalSelfAttention(args, layer, attn_backend)
         self.mlp = MLP(args)
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        self.parallel = 0 <= args.parallel_residual_start <= layer
 
-    def forward(self, x, x0, cos, sin):
+    def forward(self, x, x0, cos, sin, s: float = 1.0, v0=None, ve=None):
+        """s: the LN scale of this (virtual) depth. Returns (x, v)."""
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.attn_scale * self.attn(rms_norm(x), cos, sin)
-        return x + self.mlp_scale * self.mlp(rms_norm(x))
+        a, v = self.attn(rms_norm(x) * s, cos, sin, v0, ve)
+        if self.parallel:  # attention and MLP read the same input
+            return x + self.attn_scale * a + self.mlp_scale * self.mlp(rms_norm(x) * s), v
+        x = x + self.attn_scale * a
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * s), v
+
+
+def bigram_buckets(input_ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Hash of (previous token, token). Position 0, every BOS and every token right after a BOS use
+    the reserved last bucket, so no bucket carries one document into the next."""
+    prev = F.pad(input_ids[:, :-1], (1, 0), value=BOS_ID)
+    h = torch.bitwise_xor(36313 * input_ids, 27191 * prev) % (buckets - 1)
+    reserved = (prev == BOS_ID) | (input_ids == BOS_ID)
+    return torch.where(reserved, buckets - 1, h)
+
+
+class BigramHash(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.buckets = args.bigram_vocab_size
+        self.table = nn.Embedding(self.buckets, args.bigram_dim)
+        self.proj = nn.Linear(args.bigram_dim, args.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.proj(self.table(bigram_buckets(input_ids, self.buckets)))
+
+
+class SmearGate(nn.Module):
+    """x_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gate) per dim, and g = 0 at position 0 and at every BOS."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        allowed = (input_ids != BOS_ID)[..., None]
+        allowed[:, :1] = False
+        g = torch.sigmoid(self.gate).to(x.dtype) * allowed
+        return x + g * (prev - x)
 
 
 class GPT(nn.Module):
@@ -789,56 +918,125 @@ class GPT(nn.Module):
 
     def __init__(self, args: Hyperparameters, attn_backend: str = "sdpa"):
         super().__init__()
+        self.args = args
         self.vocab_size, self.softcap = args.vocab_size, args.logit_softcap
-        self.tied_embed_init_std = args.tied_embed_init_std
-        self.tok_emb = nn.Embedding(args.vocab_size, args.model_dim)
-        self.blocks = nn.ModuleList(Block(args, attn_backend) for _ in range(args.num_layers))
-        # U-Net: the first half pushes its outputs, the second half pops them in reverse order.
-        self.num_encoder = args.num_layers // 2 if args.unet_skips else 0
-        num_skips = min(self.num_encoder, args.num_layers - self.num_encoder)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, args.model_dim)) if num_skips else None
-        self.lm_head = None if args.tie_embeddings else nn.Linear(args.model_dim, args.vocab_size, bias=False)
-        self.rotary = Rotary(args.model_dim // args.num_heads, args.rope_base)
+        d, L = args.model_dim, args.num_layers
+        self.tok_emb = nn.Embedding(args.vocab_size, d)
+        self.bigram = BigramHash(args) if args.bigram_vocab_size else None
+        self.smear = SmearGate(d) if args.smear_gate else None
+        self.blocks = nn.ModuleList(Block(args, i, attn_backend) for i in range(L))
+        self.ve_layers = args.ve_layer_list if args.ve_enabled else []
+        if self.ve_layers:
+            kv_dim = args.num_kv_heads * (d // args.num_heads)
+            self.ve_table = nn.Embedding(args.vocab_size, args.ve_dim)
+            self.ve_proj = nn.Linear(args.ve_dim, kv_dim, bias=False)
+            self.ve_scale = nn.Parameter(torch.tensor(0.1))
+            self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.looping = False  # depth recurrence on (an instance attribute: torch.compile guards on it)
+        n_virtual = len(self.layer_order(looping=args.num_loops > 0))
+        # U-Net skips pair over the virtual order; with recurrence the looped order has more pairs,
+        # and the plain order uses the first ones.
+        num_skips = min(n_virtual // 2, n_virtual - n_virtual // 2) if args.unet_skips else 0
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, d)) if num_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, d)) if num_skips and args.skip_gates else None
+        self.attn_res_q = nn.Parameter(torch.zeros(L, d)) if args.attn_res else None
+        self.lm_head = None if args.tie_embeddings else nn.Linear(d, args.vocab_size, bias=False)
+        self.rotary = Rotary(args.rope_dims or d // args.num_heads, args.rope_base)
         self.head_input = nn.Identity()  # a hook point: GPTQ of the tied embedding needs the head's inputs
         self.init_weights()
+
+    def layer_order(self, looping: bool | None = None) -> list[int]:
+        """Physical layer of each virtual layer: with recurrence LOOP_START..LOOP_END run 1+NUM_LOOPS
+        times, e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10."""
+        a = self.args
+        looping = self.looping if looping is None else looping
+        if not (looping and a.num_loops):
+            return list(range(a.num_layers))
+        span = list(range(a.loop_start, a.loop_end + 1))
+        return list(range(a.loop_start)) + span * (1 + a.num_loops) + list(range(a.loop_end + 1, a.num_layers))
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """All initialisation in one place.
 
-        | parameter                         | init                                        |
-        |-----------------------------------|---------------------------------------------|
-        | tok_emb (tied)                    | normal, std TIED_EMBED_INIT_STD (0.005)     |
-        | tok_emb (untied)                  | normal, std 1                               |
-        | lm_head (untied)                  | zeros                                       |
-        | c_q, c_k, c_v, mlp.fc             | PyTorch default: U(-1/sqrt(in), 1/sqrt(in)) |
-        | attn.proj, mlp.proj               | zeros (each block starts as the identity)   |
-        | attn_scale, mlp_scale, skip_weights | ones                                      |
-        | resid_mix                         | [ones, zeros]                               |
-        | q_gain                            | QK_GAIN_INIT                                |
+        | parameter                              | init                                            |
+        |----------------------------------------|-------------------------------------------------|
+        | tok_emb (tied / untied)                | normal, std TIED_EMBED_INIT_STD (0.005) / 1     |
+        | lm_head (untied)                       | zeros                                           |
+        | c_q, c_k, c_v, mlp.fc                  | PyTorch default U(+-1/sqrt(in)); ORTHO_INIT=1:  |
+        |                                        | orthogonal (gain 1) when both sides >= 64       |
+        | attn.proj, mlp.proj                    | zeros (each block starts as the identity)       |
+        | attn_scale, mlp_scale, skip_weights    | ones                                            |
+        | resid_mix                              | [ones, zeros]                                   |
+        | q_gain                                 | QK_GAIN_INIT                                    |
+        | gate_w, gate_b (gated attention)       | zeros, 4 (gate ~0.98)                           |
+        | vr_lambda (value residual)             | [0.5, 0.5]                                      |
+        | ve_table, ve_proj, ve_scale, per layer | normal std 0.01, default, 0.1, ones             |
+        | smear gate, skip_gates, attn_res_q     | zeros (sigmoid 0.5, 0.5, uniform routing)       |
+        | bigram table, proj, scale              | zeros, orthogonal, 0.05 (both zero never learn) |
         """
-        std = self.tied_embed_init_std if self.lm_head is None else 1.0
+        std = self.args.tied_embed_init_std if self.lm_head is None else 1.0
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         for block in self.blocks:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
                 lin.reset_parameters()
+                if self.args.ortho_init and min(lin.weight.shape) >= 64:
+                    nn.init.orthogonal_(lin.weight)
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.proj.weight)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.table.weight)
+            nn.init.orthogonal_(self.bigram.proj.weight)
+        if self.ve_layers:
+            nn.init.normal_(self.ve_table.weight, mean=0.0, std=0.01)
+            self.ve_proj.reset_parameters()
+            if self.args.ortho_init and min(self.ve_proj.weight.shape) >= 64:
+                nn.init.orthogonal_(self.ve_proj.weight)
+
+    def route(self, x: torch.Tensor, sources: list, physical: int) -> torch.Tensor:
+        """Block attention residuals: softmax over the detached sources of (q . rmsnorm(src)) / temp."""
+        bank = torch.stack(sources, dim=2)  # (B, T, S, d)
+        scores = (rms_norm(bank) * self.attn_res_q[physical].to(bank.dtype)).sum(-1) / self.args.attn_res_temp
+        routed = (torch.softmax(scores.float(), dim=-1).to(bank.dtype)[..., None] * bank).sum(2)
+        return (1 - self.args.attn_res_mix) * x + self.args.attn_res_mix * routed
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(self.tok_emb(input_ids))
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
         x0 = x
+        ve = self.ve_scale * self.ve_proj(self.ve_table(input_ids)) if self.ve_layers else None
         cos, sin = self.rotary(input_ids.size(1), input_ids.device)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            j = i - self.num_encoder
-            if self.skip_weights is not None and 0 <= j < self.skip_weights.size(0):
-                x = x + self.skip_weights[j] * skips.pop()
-            x = block(x, x0, cos, sin)
-            if i < self.num_encoder:
+        order = self.layer_order()
+        n_enc = len(order) // 2 if self.skip_weights is not None else 0
+        n_skip = min(n_enc, len(order) - n_enc)
+        skips, v0 = [], None
+        sources = [x0.detach()] if self.attn_res_q is not None else None
+        for i, layer in enumerate(order):
+            j = i - n_enc
+            if 0 <= j < n_skip:
+                skip = self.skip_weights[j] * skips.pop()
+                if self.skip_gates is None:
+                    x = x + skip
+                else:
+                    g = torch.sigmoid(self.skip_gates[j])
+                    x = g * x + (1 - g) * skip
+            if sources is not None:
+                x = self.route(x, sources, layer)
+            ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
+            s = 1.0 / math.sqrt(i + 1) if self.args.ln_scale else 1.0
+            x, v = self.blocks[layer](x, x0, cos, sin, s, v0, ve_i)
+            if i == 0:
+                v0 = v
+            if i < n_enc:
                 skips.append(x)
+            if sources is not None and (i + 1) % self.args.attn_res_block_size == 0:
+                sources.append(x.detach())
         return rms_norm(x)
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -859,11 +1057,17 @@ class GPT(nn.Module):
         return self.token_nll(input_ids, target_ids).mean()
 
 
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
+    "logit_softcap", "rope_base", "qk_gain_init", "unet_skips", "rope_dims", "ln_scale", "xsa_last_n", "gated_attn",
+    "value_residual", "ve_enabled", "ve_dim", "ve_layers", "smear_gate", "bigram_vocab_size", "bigram_dim",
+    "mlp_act", "leaky_slope", "skip_gates", "num_loops", "loop_start", "loop_end", "parallel_residual_start",
+    "attn_res", "attn_res_block_size", "attn_res_mix", "attn_res_temp")
+
+
 def architecture_of(args: Hyperparameters) -> dict:
     """The fields that fix the model's shape and forward; stored in the artifact."""
-    names = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-             "tie_embeddings", "logit_softcap", "rope_base", "unet_skips")
-    return {n: getattr(args, n) for n in names}
+    return {n: getattr(args, n) for n in ARCHITECTURE_FIELDS}
 
 
 # =================================================================================================
@@ -935,17 +1139,24 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
+MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
+                   "mlp.fc.weight", "mlp.proj.weight")
+EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight", "ve_table.weight")
+
+
 def parameter_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Name -> group: 'matrix' (Muon), 'embed', 'head', 'scalar' (Adam)."""
+    """Name -> group: 'matrix' (Muon: the attention and MLP matrices of the blocks), 'embed' (the
+    token, bigram and value-embedding tables), 'head' (an untied output head), 'scalar' (everything
+    else: scales, gains, mixes, gates, lambdas, small projections)."""
     groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name == "tok_emb.weight":
+        if name in EMBEDDING_TABLES:
             groups["embed"].append((name, p))
         elif name == "lm_head.weight":
             groups["head"].append((name, p))
-        elif name.startswith("blocks.") and p.ndim == 2:
+        elif name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES):
             groups["matrix"].append((name, p))
         else:
             groups["scalar"].append((name, p))
@@ -998,6 +1209,14 @@ def lr_multiplier(step: int, elapsed_s: float, args: Hyperparameters) -> float:
     else:
         remaining = 1.0
     return min(warm, args.min_lr + (1.0 - args.min_lr) * remaining)
+
+
+def budget_fraction(step: int, elapsed_s: float, args: Hyperparameters) -> float:
+    """How much of the training budget is used: the larger of the step and (when capped) time fractions."""
+    frac = step / args.iterations
+    if args.train_budget_seconds > 0:
+        frac = max(frac, elapsed_s / args.train_budget_seconds)
+    return frac
 
 
 def muon_momentum_at(step: int, args: Hyperparameters) -> float:
@@ -1702,12 +1921,16 @@ def compile_warmup(model, raw: GPT, optimizers, args: Hyperparameters, rt: Runti
     weights = copy.deepcopy(raw.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     gen = torch.Generator().manual_seed(args.seed + 1)
-    for _ in range(args.compile_warmup_steps):
+    for i in range(args.compile_warmup_steps):
+        # With recurrence, the second half of the warm-up runs the looped graph, so that switching
+        # it on mid-run finds it compiled (#1230).
+        raw.looping = args.num_loops > 0 and i >= args.compile_warmup_steps // 2
         batches = []
         for _ in range(accum):
             t = torch.randint(0, args.vocab_size, (local // args.train_seq_len, args.train_seq_len + 1), generator=gen)
             batches.append((t[:, :-1].to(rt.device), t[:, 1:].to(rt.device)))
         training_step(model, optimizers, batches, args, rt, accum)
+    raw.looping = False
     raw.load_state_dict(weights)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
@@ -1748,6 +1971,9 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
         if last:
             break
         mult = apply_schedule(optimizers, step, elapsed_s, args)
+        if args.num_loops and not raw.looping and budget_fraction(step, elapsed_s, args) >= args.enable_looping_at:
+            raw.looping = True  # every rank decides from the same agreed clock
+            log(f"looping: on at step {step} (virtual layers {raw.layer_order()})")
         batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
         loss = training_step(model, optimizers, batches, args, rt, accum)
         step += 1
@@ -1803,7 +2029,8 @@ def write_artifact(raw: GPT, args: Hyperparameters, rt: Runtime, out_dir: Path, 
     if rt.master:
         t0 = time.perf_counter()
         qstate = quantize_state_dict(raw.state_dict(), args, hessians, log)
-        blob = pack_artifact(qstate, architecture_of(args), args.compressor, args.compress_level, args.byte_shuffle)
+        arch = {**architecture_of(args), "looping": raw.looping}  # the recurrence state training ended in
+        blob = pack_artifact(qstate, arch, args.compressor, args.compress_level, args.byte_shuffle)
         atomic_write_bytes(path, blob)
         if args.self_extract:
             atomic_write_bytes(out_dir / "train_gpt_packed.py", code)
@@ -1822,11 +2049,16 @@ def write_artifact(raw: GPT, args: Hyperparameters, rt: Runtime, out_dir: Path, 
 
 def model_from_artifact(path: str, args: Hyperparameters, rt: Runtime, log) -> GPT:
     arch, state = read_artifact(path)
+    looping = arch.pop("looping", False)
+    unknown = sorted(set(arch) - set(ARCHITECTURE_FIELDS))
+    if unknown:
+        raise ArtifactError(f"artifact {path} has architecture fields this script does not know: {unknown}")
     differs = {k: (getattr(args, k), v) for k, v in arch.items() if getattr(args, k) != v}
     if differs:
         log(f"artifact architecture differs from the configured one, using the artifact's: {differs}")
     model_args = dataclasses.replace(args, **arch)
     model = GPT(model_args, rt.attn_backend).to(rt.device)
+    model.looping = looping
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -39,7 +39,7 @@ def tiny_env(data: Path, out_dir: Path, **overrides) -> dict:
         MLP_MULT="2", TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", TRAIN_BATCH_TOKENS="512",
         ITERATIONS="5", MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="1",
         VAL_LOSS_EVERY="0", OUT_DIR=str(out_dir), EVAL_BATCH_SEQS="16",
-        EVAL_STRIDE="8", TTT_ENABLED="1", TTT_CHUNK_TOKENS="2048", TTT_EPOCHS="1", TTT_BATCH_SEQS="8",
+        LOOP_START="0", LOOP_END="1", GPTQ_RESERVE_SECONDS="0", EVAL_STRIDE="8", TTT_ENABLED="1", TTT_CHUNK_TOKENS="2048", TTT_EPOCHS="1", TTT_BATCH_SEQS="8",
     )
     env.update({k: str(v) for k, v in overrides.items()})
     return env

@@ -134,7 +134,8 @@ def test_stage_outputs(artifact):
     log = (artifact / "train.log").read_text()
     tokens = log_values(log, "val_tokens")
     assert len(set(tokens)) == 1  # pre-quant, round trip, sliding and TTT all score every target once
-    for tag in ("final_int8_zlib_roundtrip_exact", "final_int8_zlib_sliding_window_exact", "legal_ttt_exact"):
+    for tag in ("final_int6_gptq_brotli_roundtrip_exact", "final_int6_gptq_brotli_sliding_window_exact",
+                "legal_ttt_exact"):
         assert f"{tag} val_loss:" in log
 
 

@@ -67,7 +67,7 @@ def test_gptq_falls_back_on_cholesky_failure():
 @pytest.fixture(scope="module")
 def trained_tiny(tiny_data):
     """A 2-layer, 64-wide model trained 60 steps on the sample, and Hessians of its layers."""
-    env = dict(PRESET="smoke", VOCAB_SIZE="320", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+    env = dict(PRESET="smoke", VOCAB_SIZE="320", NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", NUM_LOOPS="0",
                MLP_MULT="2", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="4096", GRAD_ACCUM_STEPS="1")
     args = Hyperparameters.from_env(env)
     torch.manual_seed(0)

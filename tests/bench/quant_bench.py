@@ -102,7 +102,8 @@ def main() -> int:
     if a.quick:
         full.update(VOCAB_SIZE="1024", NUM_LAYERS="1", MODEL_DIM="256")
         levels = dict(zlib=1, zstd=1, brotli=1, lzma=1)
-        smoke = dict(NUM_LAYERS="1", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048")
+        smoke = dict(NUM_LAYERS="1", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048",
+                     NUM_LOOPS="0")
     print("compressors, full-size model" + (" (quick: tiny)" if a.quick else ""), flush=True)
     rows, n_params = compressor_table(full, levels)
     print("quantisation gap, smoke model", flush=True)
