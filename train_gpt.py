@@ -1938,6 +1938,23 @@ def compile_warmup(model, raw: GPT, optimizers, args: Hyperparameters, rt: Runti
     log(f"compile_warmup: {args.compile_warmup_steps} steps on random tokens in {time.perf_counter() - t0:.1f}s, undone")
 
 
+def calibrate_on_training_data(raw: GPT, loader, args: Hyperparameters, rt: Runtime, local: int,
+                               elapsed_s: float, log) -> tuple[dict, float]:
+    """GPTQ Hessians from the next training batches; the seconds count as training time."""
+    rt.sync()
+    t0 = time.perf_counter()
+    hessians = collect_hessians(raw, training_calibration_batches(loader, args, rt, local), rt)
+    rt.sync()
+    calib_s = time.perf_counter() - t0
+    total = elapsed_s + calib_s
+    log(f"gptq_calibration: {args.gptq_calib_seqs} training sequences in {calib_s:.1f}s, counted as training "
+        f"(train_time:{1000 * total:.0f}ms, GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g})")
+    if args.max_wallclock_seconds > 0 and total > args.max_wallclock_seconds:
+        log(f"WARNING: training plus calibration took {total:.1f}s, over MAX_WALLCLOCK_SECONDS="
+            f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
+    return hessians, calib_s
+
+
 def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, tables, log) -> TrainResult:
     accum, local = batch_split(args, rt)
     loader = DistributedTokenLoader(files, args.vocab_size, rt.rank, rt.world_size, rt.device)
@@ -1993,17 +2010,8 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
                 f"(the next step would end past the training budget of {cap_s:g}s)")
     hessians = None
     if args.gptq and args.gptq_calib == "train":  # training data: inside the training time (#1868)
-        rt.sync()
-        t0 = time.perf_counter()
-        hessians = collect_hessians(raw, training_calibration_batches(loader, args, rt, local), rt)
-        rt.sync()
-        calib_s = time.perf_counter() - t0
+        hessians, calib_s = calibrate_on_training_data(raw, loader, args, rt, local, elapsed_s, log)
         elapsed_s += calib_s
-        log(f"gptq_calibration: {args.gptq_calib_seqs} training sequences in {calib_s:.1f}s, counted as training "
-            f"(train_time:{1000 * elapsed_s:.0f}ms, GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g})")
-        if args.max_wallclock_seconds > 0 and elapsed_s > args.max_wallclock_seconds:
-            log(f"WARNING: training plus calibration took {elapsed_s:.1f}s, over MAX_WALLCLOCK_SECONDS="
-                f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
     return TrainResult(step, elapsed_s, stopped_early, pre_quant, hessians)
 
 
