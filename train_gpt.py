@@ -198,6 +198,15 @@ class Hyperparameters:
     warmdown_frac: float = knob(0.0, "if > 0: warm down over this fraction of the budget instead", lo=0.0, hi=1.0)
     min_lr: float = knob(0.0, "learning-rate multiplier reached at the end of the warm-down", lo=0.0, hi=1.0)
     grad_clip_norm: float = knob(0.0, "clip the averaged gradient's global norm; 0 = off", lo=0.0)
+    adam_wd: float = knob(0.0, "AdamW decoupled weight decay of scales, gains, gates (scalar group)", lo=0.0)
+    embed_wd: float = knob(0.0, "AdamW decoupled weight decay of embedding tables and an untied head", lo=0.0)
+    muon_wd: float = knob(0.0, "Muon decoupled weight decay: W *= 1 - lr*MUON_WD", lo=0.0)
+    muon_row_normalize: bool = knob(False, "MuonEq-R: divide every row of the update by its L2 norm before NS")
+    ema_decay: float = knob(0.0, "float32 EMA of the weights, used after training; 0 = off", lo=0.0, hi=1.0)
+    swa_every: int = knob(0, "average a snapshot every N steps once the LR multiplier < SWA_START_SCALE; 0 = off", lo=0)
+    swa_start_scale: float = knob(0.2, "LR multiplier below which SWA collects snapshots", lo=0.0, hi=1.0)
+    late_qat_threshold: float = knob(0.0, "once the LR multiplier < this, quantised matrices train with "
+                                     "straight-through fake quantisation; 0 = off", lo=0.0, hi=1.0)
     # --- evaluation
     eval_seq_len: int = knob(2048, "evaluation window length", lo=2)
     eval_batch_seqs: int = knob(32, "windows per forward on each rank", lo=1)
@@ -799,16 +808,36 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, H, D)
 
 
+class QATLinear(nn.Linear):
+    """A bias-free linear layer whose forward can use straight-through fake quantisation per row
+    (late QAT, SPEC 3): w + (q(w) - w).detach(). `qat_bits` is an instance attribute, which
+    torch.compile guards on: flipping it recompiles once. (A class attribute was constant-folded by
+    torch.compile and the switch never fired: trap 3.)"""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits, self.qat_sigmas = 0, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.qat_bits:
+            qmax = 2 ** (self.qat_bits - 1) - 1
+            spread = self.qat_sigmas * w.std(dim=1) if self.qat_sigmas > 0 else w.abs().amax(dim=1)
+            scale = (spread / qmax).clamp_min(2.0 ** -24).detach()[:, None]
+            w = w + (torch.clamp(torch.round(w / scale), -qmax, qmax) * scale - w).detach()
+        return F.linear(x, w)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, attn_backend: str):
         super().__init__()
         H, Hkv, d = args.num_heads, args.num_kv_heads, args.model_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d // H
         self.attn_backend = attn_backend
-        self.c_q = nn.Linear(d, d, bias=False)
-        self.c_k = nn.Linear(d, Hkv * self.head_dim, bias=False)
-        self.c_v = nn.Linear(d, Hkv * self.head_dim, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
+        self.c_q = QATLinear(d, d)
+        self.c_k = QATLinear(d, Hkv * self.head_dim)
+        self.c_v = QATLinear(d, Hkv * self.head_dim)
+        self.proj = QATLinear(d, d)
         self.q_gain = nn.Parameter(torch.full((H,), args.qk_gain_init))
         self.xsa = layer >= args.num_layers - args.xsa_last_n
         self.gate_mode = args.gated_attn
@@ -846,8 +875,8 @@ class MLP(nn.Module):
     def __init__(self, args: Hyperparameters):
         super().__init__()
         hidden = args.mlp_mult * args.model_dim
-        self.fc = nn.Linear(args.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, args.model_dim, bias=False)
+        self.fc = QATLinear(args.model_dim, hidden)
+        self.proj = QATLinear(hidden, args.model_dim)
         self.act, self.slope = args.mlp_act, args.leaky_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -954,6 +983,15 @@ class GPT(nn.Module):
             return list(range(a.num_layers))
         span = list(range(a.loop_start, a.loop_end + 1))
         return list(range(a.loop_start)) + span * (1 + a.num_loops) + list(range(a.loop_end + 1, a.num_layers))
+
+    def set_qat(self, bits: int, sigmas: float, min_elements: int) -> int:
+        """Fake quantisation (bits; 0 = off) in every block matrix with more than min_elements
+        elements (those the artifact quantises). Returns how many matrices it affects."""
+        n = 0
+        for m in self.blocks.modules():
+            if isinstance(m, QATLinear) and m.weight.numel() > min_elements:
+                m.qat_bits, m.qat_sigmas, n = bits, sigmas, n + 1
+        return n
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -1096,14 +1134,15 @@ def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int, eps: float = 1e-7) 
 
 
 class Muon(torch.optim.Optimizer):
-    """buf = mu*buf + g; u = g + mu*buf (Nesterov) or buf; u = NS(u) * sqrt(max(1, rows/cols));
+    """buf = mu*buf + g; u = g + mu*buf (Nesterov) or buf; with row_normalize (MuonEq-R) each row
+    of u is divided by its L2 norm; u = NS(u) * sqrt(max(1, rows/cols));
     W *= 1 - lr*wd; W -= lr*u. With several processes each rank orthogonalises every world-th
     matrix and the updates are summed across ranks (gradients are already averaged by DDP)."""
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool = True,
-                 weight_decay: float = 0.0, backend_steps: int = 5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, backend_steps=backend_steps))
+                 weight_decay: float = 0.0, backend_steps: int = 5, row_normalize: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      backend_steps=backend_steps, row_normalize=row_normalize))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1125,6 +1164,8 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(g)
                     u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    if group["row_normalize"]:  # MuonEq-R: every row of the update gets unit L2 norm
+                        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-7)
                     u = zeropower_via_newtonschulz5(u, group["backend_steps"])
                     u = u * max(1.0, p.size(0) / p.size(1)) ** 0.5
                     flat[offset:offset + p.numel()] = u.reshape(-1).to(dtype)
@@ -1171,18 +1212,64 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
     groups = parameter_groups(model)
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=device.type == "cuda")
     embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
-    adam_groups = [dict(params=[p for _, p in groups["embed"]], lr=embed_lr, base_lr=embed_lr),
-                   dict(params=[p for _, p in groups["scalar"]], lr=args.scalar_lr, base_lr=args.scalar_lr)]
-    if groups["head"]:
-        adam_groups.append(dict(params=[p for _, p in groups["head"]], lr=args.head_lr, base_lr=args.head_lr))
-    optimizers = [torch.optim.Adam([g for g in adam_groups if g["params"]], **adam)]
+    adam_groups = [
+        dict(params=[p for _, p in groups["embed"]], lr=embed_lr, base_lr=embed_lr, weight_decay=args.embed_wd),
+        dict(params=[p for _, p in groups["scalar"]], lr=args.scalar_lr, base_lr=args.scalar_lr,
+             weight_decay=args.adam_wd),
+        dict(params=[p for _, p in groups["head"]], lr=args.head_lr, base_lr=args.head_lr, weight_decay=args.embed_wd),
+    ]
+    optimizers = [torch.optim.AdamW([g for g in adam_groups if g["params"]], **adam)]
     if groups["matrix"]:
         muon = Muon([p for _, p in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
-                    backend_steps=args.muon_backend_steps)
+                    weight_decay=args.muon_wd, backend_steps=args.muon_backend_steps,
+                    row_normalize=args.muon_row_normalize)
         for g in muon.param_groups:
             g["base_lr"] = args.matrix_lr
         optimizers.append(muon)
     return optimizers
+
+
+class EMA:
+    """float32 shadow of every parameter: s = decay*s + (1-decay)*p after every step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
+
+
+class SWA:
+    """Running mean of weight snapshots (float32)."""
+
+    def __init__(self):
+        self.count, self.mean = 0, None
+
+    @torch.no_grad()
+    def add(self, tensors: list[torch.Tensor]) -> None:
+        self.count += 1
+        if self.mean is None:
+            self.mean = [t.detach().float().clone() for t in tensors]
+        else:
+            torch._foreach_add_(self.mean, torch._foreach_div(torch._foreach_sub(tensors, self.mean), self.count))
+
+
+@torch.no_grad()
+def apply_final_weights(model: nn.Module, ema: EMA | None, swa: SWA | None) -> str:
+    """Copy the weights used after training into the model and say which they are (trap 4: SWA
+    collected but never applied). SWA wins when it has snapshots; its snapshots are of the EMA
+    weights when EMA is on."""
+    if swa is not None and swa.count:
+        source, label = swa.mean, f"SWA mean of {swa.count} {'EMA' if ema else 'raw'} snapshots"
+    elif ema is not None:
+        source, label = ema.shadow, f"EMA (decay {ema.decay})"
+    else:
+        return "raw weights of the last step"
+    for p, t in zip(model.parameters(), source):
+        p.copy_(t.to(p.dtype))
+    return label
 
 
 def lr_multiplier(step: int, elapsed_s: float, args: Hyperparameters) -> float:
@@ -1921,21 +2008,30 @@ def compile_warmup(model, raw: GPT, optimizers, args: Hyperparameters, rt: Runti
     weights = copy.deepcopy(raw.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     gen = torch.Generator().manual_seed(args.seed + 1)
+    # Every graph the run will switch to (recurrence on, late QAT on) gets its share of the warm-up,
+    # so that no switch recompiles inside the timed budget (#1230).
+    variants = [(loop, qat) for loop in ([False, True] if args.num_loops else [False])
+                for qat in ([False, True] if args.late_qat_threshold else [False])]
     for i in range(args.compile_warmup_steps):
-        # With recurrence, the second half of the warm-up runs the looped graph, so that switching
-        # it on mid-run finds it compiled (#1230).
-        raw.looping = args.num_loops > 0 and i >= args.compile_warmup_steps // 2
+        raw.looping, qat = variants[i * len(variants) // args.compile_warmup_steps]
+        raw.set_qat(args.matrix_bits if qat else 0, qat_sigmas(args), PASSTHROUGH_MAX_ELEMENTS)
         batches = []
         for _ in range(accum):
             t = torch.randint(0, args.vocab_size, (local // args.train_seq_len, args.train_seq_len + 1), generator=gen)
             batches.append((t[:, :-1].to(rt.device), t[:, 1:].to(rt.device)))
         training_step(model, optimizers, batches, args, rt, accum)
     raw.looping = False
+    raw.set_qat(0, 0.0, PASSTHROUGH_MAX_ELEMENTS)
     raw.load_state_dict(weights)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     rt.sync()
     log(f"compile_warmup: {args.compile_warmup_steps} steps on random tokens in {time.perf_counter() - t0:.1f}s, undone")
+
+
+def qat_sigmas(args: Hyperparameters) -> float:
+    """Late QAT mirrors the artifact's clip: SDClip's k, or 0 (row max) for the quantile clips."""
+    return args.matrix_clip_sigmas if args.quant_clip == "sdclip" else 0.0
 
 
 def calibrate_on_training_data(raw: GPT, loader, args: Hyperparameters, rt: Runtime, local: int,
@@ -1955,6 +2051,15 @@ def calibrate_on_training_data(raw: GPT, loader, args: Hyperparameters, rt: Runt
     return hessians, calib_s
 
 
+def log_validation(model: GPT, val_tokens, tables, args: Hyperparameters, rt: Runtime, log, step: int,
+                   elapsed_s: float) -> EvalResult:
+    result = evaluate(model, val_tokens, tables, args, rt, log, label=f"val step {step}")
+    log(f"step:{step}/{args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+        f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / max(step, 1):.2f}ms "
+        f"val_tokens:{result.tokens} val_bytes:{result.bytes}")
+    return result
+
+
 def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, tables, log) -> TrainResult:
     accum, local = batch_split(args, rt)
     loader = DistributedTokenLoader(files, args.vocab_size, rt.rank, rt.world_size, rt.device)
@@ -1968,32 +2073,36 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
     compile_warmup(model, raw, optimizers, args, rt, accum, local, log)
 
     cap_s = args.train_budget_seconds
-    train_s, step, stopped_early, pre_quant = 0.0, 0, False, None
+    ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
+    swa = SWA() if args.swa_every else None
+    train_s, step, stopped_early, qat_on = 0.0, 0, False, False
     elapsed_s, last_step_s = 0.0, 0.0  # training seconds agreed by all ranks, duration of the last step
     elapsed = torch.zeros((), dtype=torch.float64, device=rt.device)
     rt.sync()
     t0 = time.perf_counter()
-    while True:
-        last = step == args.iterations or stopped_early
-        if last or (args.val_loss_every and step and step % args.val_loss_every == 0):
+    while step < args.iterations and not stopped_early:
+        if args.val_loss_every and step and step % args.val_loss_every == 0:
             rt.sync()
             train_s += time.perf_counter() - t0
-            result = evaluate(raw, val_tokens, tables, args, rt, log, label=f"val step {step}")
-            log(f"step:{step}/{args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-                f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / max(step, 1):.2f}ms "
-                f"val_tokens:{result.tokens} val_bytes:{result.bytes}")
-            pre_quant = result
+            log_validation(raw, val_tokens, tables, args, rt, log, step, elapsed_s)
             rt.sync()
             t0 = time.perf_counter()
-        if last:
-            break
         mult = apply_schedule(optimizers, step, elapsed_s, args)
         if args.num_loops and not raw.looping and budget_fraction(step, elapsed_s, args) >= args.enable_looping_at:
             raw.looping = True  # every rank decides from the same agreed clock
             log(f"looping: on at step {step} (virtual layers {raw.layer_order()})")
+        if args.late_qat_threshold and not qat_on and mult < args.late_qat_threshold:
+            qat_on = True
+            n = raw.set_qat(args.matrix_bits, qat_sigmas(args), PASSTHROUGH_MAX_ELEMENTS)
+            log(f"late_qat: on at step {step} (lr_mult {mult:.4f}): int{args.matrix_bits} fake quantisation "
+                f"in {n} matrices")
         batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
         loss = training_step(model, optimizers, batches, args, rt, accum)
         step += 1
+        if ema is not None:
+            ema.update(raw)
+        if swa is not None and step % args.swa_every == 0 and mult < args.swa_start_scale:
+            swa.add(ema.shadow if ema is not None else list(raw.parameters()))
         # One all-reduce (MAX) gives every rank the same clock: the same learning rates and the
         # same stop step everywhere.
         elapsed.fill_(train_s + time.perf_counter() - t0)
@@ -2008,6 +2117,9 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
             stopped_early = True
             log(f"stopping_early: wallclock_cap train_time:{1000 * elapsed_s:.0f}ms step:{step}/{args.iterations} "
                 f"(the next step would end past the training budget of {cap_s:g}s)")
+    raw.set_qat(0, 0.0, PASSTHROUGH_MAX_ELEMENTS)  # the artifact quantises for real from here on
+    log(f"final weights: {apply_final_weights(raw, ema, swa)}")
+    pre_quant = log_validation(raw, val_tokens, tables, args, rt, log, step, elapsed_s)
     hessians = None
     if args.gptq and args.gptq_calib == "train":  # training data: inside the training time (#1868)
         hessians, calib_s = calibrate_on_training_data(raw, loader, args, rt, local, elapsed_s, log)

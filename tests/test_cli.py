@@ -122,3 +122,22 @@ def test_corrupt_artifact_in_eval_only(finished_run, tiny_data, tmp_path):
     assert str(bad) in line and "truncated" in line
     line = one_error_line(run_script(tiny_env(tiny_data, tmp_path / "o", EVAL_ONLY=1, ARTIFACT=tmp_path / "none.ptz")))
     assert "cannot be read" in line
+
+
+def test_optimiser_stack_end_to_end(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=5, ITERATIONS=8,
+                   WARMDOWN_ITERS=4, EMA_DECAY=0.9, SWA_EVERY=1, SWA_START_SCALE=0.9, LATE_QAT_THRESHOLD=0.8,
+                   MUON_ROW_NORMALIZE=1, MUON_WD=0.05, ADAM_WD=0.02, EMBED_WD=0.02, GRAD_CLIP_NORM=0.3, TTT_ENABLED=0)
+    proc = run_script(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "late_qat: on at step 5 (lr_mult 0.7500): int6 fake quantisation in 4 matrices" in proc.stdout
+    assert "final weights: SWA mean of 3 EMA snapshots" in proc.stdout  # after steps 6, 7, 8 (mult 0.75, 0.5, 0.25)
+
+
+def test_every_rank_stops_at_the_same_step(tiny_data, tmp_path):
+    """A rank that stopped alone would leave the other waiting in a collective: the run would hang
+    (and time out) instead of finishing and scoring."""
+    proc = run_script(tiny_env(tiny_data, tmp_path, ITERATIONS=1_000_000, MAX_WALLCLOCK_SECONDS=3,
+                               GPTQ_RESERVE_SECONDS=1, TTT_ENABLED=0), nproc=2, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopping_early: wallclock_cap" in proc.stdout and "final_int6_gptq_brotli_sliding_window_exact" in proc.stdout

@@ -4,7 +4,8 @@ hand-computed values (SPEC section 3)."""
 import pytest
 import torch
 
-from train_gpt import Hyperparameters, Muon, lr_multiplier, muon_momentum_at, zeropower_via_newtonschulz5
+from train_gpt import (EMA, SWA, Hyperparameters, Muon, QATLinear, apply_final_weights, build_optimizers, lr_multiplier,
+                       muon_momentum_at, zeropower_via_newtonschulz5)
 
 
 def run_muon(opt_cls, w0, grads, **kw):
@@ -90,3 +91,91 @@ def test_momentum_warmup():
     assert muon_momentum_at(250, a) == pytest.approx(0.90)
     assert muon_momentum_at(5000, a) == pytest.approx(0.95)
     assert muon_momentum_at(3, hp(MUON_MOMENTUM_WARMUP_STEPS=0, MUON_MOMENTUM=0.9)) == 0.9
+
+
+def test_muoneq_r_normalises_rows_before_newton_schulz():
+    torch.manual_seed(0)
+    w0, g = torch.randn(48, 32), torch.randn(48, 32) * torch.linspace(0.1, 5, 48)[:, None]
+    p = torch.nn.Parameter(w0.clone())
+    p.grad = g.clone()
+    Muon([p], lr=0.02, momentum=0.9, row_normalize=True).step()
+    u = g + 0.9 * g  # Nesterov from an empty buffer
+    u = u / u.norm(dim=1, keepdim=True)
+    expected = w0 - 0.02 * (zeropower_via_newtonschulz5(u, 5) * (48 / 32) ** 0.5).float()
+    torch.testing.assert_close(p.data, expected, atol=1e-6, rtol=0)
+    q = torch.nn.Parameter(w0.clone())
+    q.grad = g.clone()
+    Muon([q], lr=0.02, momentum=0.9).step()
+    assert not torch.allclose(q.data, p.data, atol=1e-4)  # the switch matters
+
+
+def test_adamw_groups_decay_decoupled():
+    from test_arch import make
+
+    model = make({"ADAM_WD": "0.5", "EMBED_WD": "0.25", "BIGRAM_VOCAB_SIZE": "10", "BIGRAM_DIM": "4"})
+    args = model.args
+    opt = build_optimizers(model, args, torch.device("cpu"))[0]
+    assert isinstance(opt, torch.optim.AdamW)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(model.tok_emb.weight)] == decay[id(model.bigram.table.weight)] == 0.25
+    assert decay[id(model.blocks[0].attn_scale)] == decay[id(model.bigram.proj.weight)] == 0.5
+    before = model.blocks[0].attn_scale.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # a zero gradient leaves only the decoupled decay: p *= 1 - lr*wd
+    torch.testing.assert_close(model.blocks[0].attn_scale.detach(), before * (1 - args.scalar_lr * 0.5))
+
+
+def test_ema_and_swa_arithmetic_and_application():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema, swa = EMA(model, 0.9), SWA()
+    for value in (1.0, 2.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+    torch.testing.assert_close(ema.shadow[0], torch.full((1, 2), 0.29))  # 0.9*(0.9*0 + 0.1) + 0.1*2
+    for value in (1.0, 2.0, 6.0):
+        swa.add([torch.full((1, 2), value)])
+    torch.testing.assert_close(swa.mean[0], torch.full((1, 2), 3.0))
+    assert apply_final_weights(model, ema, swa) == "SWA mean of 3 EMA snapshots"
+    assert torch.all(model.weight == 3.0)  # trap 4: really applied
+    assert apply_final_weights(model, ema, SWA()) == "EMA (decay 0.9)" and torch.allclose(model.weight, ema.shadow[0])
+    assert apply_final_weights(model, None, None) == "raw weights of the last step"
+
+
+def test_late_qat_is_straight_through_fake_quantisation():
+    torch.manual_seed(0)
+    lin = QATLinear(16, 8)
+    x = torch.randn(4, 16)
+    plain = lin(x)
+    lin.qat_bits, lin.qat_sigmas = 6, 0.0
+    out = lin(x)
+    w = lin.weight.detach()
+    scale = (w.abs().amax(dim=1) / 31)[:, None]
+    wq = torch.clamp(torch.round(w / scale), -31, 31) * scale
+    torch.testing.assert_close(out, x @ wq.T)
+    assert not torch.allclose(out, plain)
+    out.sum().backward()  # straight through: the gradient of w is that of the quantised weight
+    torch.testing.assert_close(lin.weight.grad, torch.ones(4, 8).T @ x)
+
+
+def test_late_qat_switch_changes_the_compiled_forward():
+    from test_arch import make, randomize, tokens
+
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = randomize(make({"MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}))
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    x = tokens()
+    before = [compiled(x, x) for _ in range(2)]
+    assert model.set_qat(6, 12.85, 65536) == 2 * 4  # mlp.fc and mlp.proj of 4 layers exceed 65,536
+    after = [compiled(x, x) for _ in range(2)]
+    assert len(compiles) == 2 and not torch.allclose(before[0], after[0])
+    torch._dynamo.reset()
