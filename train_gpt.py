@@ -202,6 +202,8 @@ class Hyperparameters:
     embed_wd: float = knob(0.0, "AdamW decoupled weight decay of embedding tables and an untied head", lo=0.0)
     muon_wd: float = knob(0.0, "Muon decoupled weight decay: W *= 1 - lr*MUON_WD", lo=0.0)
     muon_row_normalize: bool = knob(False, "MuonEq-R: divide every row of the update by its L2 norm before NS")
+    parallel_muon: bool = knob(False, "banked Muon: reduce-scatter, batched NS on each rank's slice, "
+                               "all-gather; no DDP for the banks")
     ema_decay: float = knob(0.0, "float32 EMA of the weights, used after training; 0 = off", lo=0.0, hi=1.0)
     swa_every: int = knob(0, "average a snapshot every N steps once the LR multiplier < SWA_START_SCALE; 0 = off", lo=0)
     swa_start_scale: float = knob(0.2, "LR multiplier below which SWA collects snapshots", lo=0.0, hi=1.0)
@@ -427,6 +429,8 @@ PRESETS: dict[str, dict] = {
         max_wallclock_seconds=150.0, warmdown_iters=150, val_loss_every=0, train_log_every=50,
         compile_warmup_steps=0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
         muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=100,
+        muon_row_normalize=True, muon_wd=0.095, adam_wd=0.02, embed_wd=0.02,
+        ema_decay=0.99,  # pr2005 uses 0.9965 over ~4,500 steps; the smoke run has ~170, so a shorter EMA
         matrix_bits=6, embed_bits=7, quant_clip="sdclip", embed_clip_sigmas=15.0, gptq=True,
         gptq_calib_seqs=32, gptq_reserve_seconds=3.0, compressor="brotli", byte_shuffle=True, self_extract=True,
         eval_stride=64, ttt_enabled=True, ttt_chunk_tokens=4096, ttt_lr=0.005, ttt_epochs=3, ttt_batch_seqs=16,
@@ -1119,18 +1123,20 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate U V^T of g's SVD with a quintic Newton-Schulz iteration, in bf16."""
+    """Approximate U V^T of g's SVD with a quintic Newton-Schulz iteration, in bf16. g: one matrix
+    (rows, cols) or a batch (n, rows, cols), each normalised by its own Frobenius norm."""
     a, b, c = NS_COEFFICIENTS
     x = g.bfloat16()
-    transposed = g.size(0) > g.size(1)
+    transposed = g.size(-2) > g.size(-1)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    # addmm rounds to bf16 once per product: half the error of separate multiply and add ops
+    fused = torch.addmm if x.ndim == 2 else torch.baddbmm
     for _ in range(steps):
-        gram = x @ x.T
-        # addmm rounds to bf16 once per product: half the error of separate multiply and add ops
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if transposed else x
+        gram = x @ x.mT
+        x = fused(x, fused(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -1180,6 +1186,84 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
+class ParallelMuon(torch.optim.Optimizer):
+    """Muon over parameter banks (PARALLEL_MUON=1, seed PR754): the matrices of one shape form a bank
+    (at the reference shape: q|o, k|v, mlp up, mlp down). Gradients are reduce-scattered (averaged),
+    so each rank owns a slice of every bank (padded to a multiple of the world size); it keeps the
+    momentum of that slice only, runs one batched Newton-Schulz on it, and all-gathers the updates,
+    each bank's all-gather running while the next bank is orthogonalised. The update equals Muon's.
+    The banked matrices must not be wrapped in DDP: call reduce_gradients() after backward."""
+
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool = True, weight_decay: float = 0.0,
+                 backend_steps: int = 5, row_normalize: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      backend_steps=backend_steps, row_normalize=row_normalize))
+        self.banks: dict[tuple, list] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.banks.setdefault((id(group), tuple(p.shape)), []).append(p)
+        self.local_grads: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> torch.Tensor:
+        """Reduce-scatter every bank's gradients; returns the sum of squares of this rank's slices."""
+        rank, world = self._world()
+        work, sq = [], None
+        for key, bank in self.banks.items():
+            n_pad = -(-len(bank) // world) * world
+            full = torch.zeros((n_pad, *bank[0].shape), device=bank[0].device, dtype=torch.float32)
+            for i, p in enumerate(bank):
+                if p.grad is not None:
+                    full[i] = p.grad
+            local = torch.empty((n_pad // world, *bank[0].shape), device=full.device, dtype=full.dtype)
+            if world > 1:
+                work.append(dist.reduce_scatter_single(local, full, op=dist.ReduceOp.AVG, async_op=True))
+            else:
+                local.copy_(full)
+            self.local_grads[key] = local
+        for w in work:
+            w.wait()
+        for local in self.local_grads.values():
+            sq = local.square().sum() if sq is None else sq + local.square().sum()
+        return sq
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale: float = 1.0):
+        rank, world = self._world()
+        pending = []
+        for (gid, shape), bank in self.banks.items():
+            group = next(g for g in self.param_groups if id(g) == gid)
+            g = self.local_grads[(gid, shape)] * grad_scale
+            state = self.state[bank[0]]
+            if "bank_momentum" not in state:
+                state["bank_momentum"] = torch.zeros_like(g)
+            buf = state["bank_momentum"]
+            buf.mul_(group["momentum"]).add_(g)
+            u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+            if group["row_normalize"]:
+                u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            u = zeropower_via_newtonschulz5(u, group["backend_steps"]) * max(1.0, shape[0] / shape[1]) ** 0.5
+            u = u.to(torch.bfloat16 if u.is_cuda else torch.float32)  # gloo gathers float32
+            full = torch.empty((u.size(0) * world, *shape), device=u.device, dtype=u.dtype)
+            handle = dist.all_gather_single(full, u.contiguous(), async_op=True) if world > 1 else None
+            if handle is None:
+                full.copy_(u)
+            pending.append((group, bank, full, handle))
+        for group, bank, full, handle in pending:
+            if handle is not None:
+                handle.wait()
+            for i, p in enumerate(bank):
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(full[i].to(p.dtype), alpha=-group["lr"])
+
+
 MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
                    "mlp.fc.weight", "mlp.proj.weight")
 EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight", "ve_table.weight")
@@ -1220,7 +1304,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
     ]
     optimizers = [torch.optim.AdamW([g for g in adam_groups if g["params"]], **adam)]
     if groups["matrix"]:
-        muon = Muon([p for _, p in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
+        muon_cls = ParallelMuon if args.parallel_muon else Muon
+        muon = muon_cls([p for _, p in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
                     weight_decay=args.muon_wd, backend_steps=args.muon_backend_steps,
                     row_normalize=args.muon_row_normalize)
         for g in muon.param_groups:
@@ -1290,7 +1375,7 @@ def lr_multiplier(step: int, elapsed_s: float, args: Hyperparameters) -> float:
         remaining = min(1.0, max(0.0, (1.0 - progress) / args.warmdown_frac))
     elif args.warmdown_iters > 0:
         remaining = min(1.0, max(0.0, (args.iterations - step) / args.warmdown_iters))
-        if cap > 0 and step > 0:
+        if cap > 0 and step > 0 and elapsed_s > 0:
             step_s = elapsed_s / step
             remaining = min(remaining, max(0.0, (cap - elapsed_s) / (args.warmdown_iters * step_s)))
     else:
@@ -1318,7 +1403,7 @@ def apply_schedule(optimizers, step: int, elapsed_s: float, args: Hyperparameter
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
-            if isinstance(opt, Muon):
+            if isinstance(opt, (Muon, ParallelMuon)):
                 group["momentum"] = muon_momentum_at(step, args)
     return mult
 
@@ -1979,6 +2064,31 @@ def batch_split(args: Hyperparameters, rt: Runtime) -> tuple[int, int]:
     return accum, local
 
 
+def sync_banked_gradients(optimizers, banked: "ParallelMuon", args: Hyperparameters, rt: Runtime) -> None:
+    """PARALLEL_MUON without DDP: average the small parameters' gradients with one all-reduce,
+    reduce-scatter the banks, clip by the global norm of the averaged gradients (trap 9), step."""
+    small = [p for opt in optimizers if opt is not banked for g in opt.param_groups for p in g["params"]]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in small]
+    if rt.distributed and grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+        grads = list(torch.split(flat, [p.numel() for p in small]))
+    for p, g in zip(small, grads):
+        p.grad = g.view_as(p)
+    bank_sq = banked.reduce_gradients()
+    scale = 1.0
+    if args.grad_clip_norm > 0:
+        total_sq = rt.all_reduce(bank_sq.clone()) + sum(g.float().square().sum() for g in grads)
+        scale = min(1.0, args.grad_clip_norm / (total_sq.sqrt().item() + 1e-6))
+        for p in small:
+            p.grad.mul_(scale)
+    for opt in optimizers:
+        if opt is banked:
+            opt.step(grad_scale=scale)
+        else:
+            opt.step()
+
+
 def training_step(model, optimizers, batches, args: Hyperparameters, rt: Runtime, accum: int) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; returns the mean loss (a device tensor)."""
     total = torch.zeros((), device=rt.device)
@@ -1989,11 +2099,15 @@ def training_step(model, optimizers, batches, args: Hyperparameters, rt: Runtime
             loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach()
-    if args.grad_clip_norm > 0:  # DDP has averaged the gradients by now (trap 9)
+    banked = next((opt for opt in optimizers if isinstance(opt, ParallelMuon)), None)
+    if banked is not None:
+        sync_banked_gradients(optimizers, banked, args, rt)
+    elif args.grad_clip_norm > 0:  # DDP has averaged the gradients by now (trap 9)
         params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
-    for opt in optimizers:
-        opt.step()
+    if banked is None:
+        for opt in optimizers:
+            opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return total / accum
@@ -2065,7 +2179,7 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
     loader = DistributedTokenLoader(files, args.vocab_size, rt.rank, rt.world_size, rt.device)
     optimizers = build_optimizers(raw, args, rt.device)
     model = torch.compile(raw, dynamic=False) if rt.compile else raw
-    if rt.distributed:
+    if rt.distributed and not args.parallel_muon:  # Parallel Muon reduces the gradients itself
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     log(f"train: {len(files)} shards, world {rt.world_size} x accum {accum} x {local} tokens "
@@ -2357,8 +2471,11 @@ def run(env: Mapping[str, str]) -> int:
         log_header(log, args, rt)
         log(f"val: {len(val_tokens)} tokens in {len(shard_files(args.data_path, 'val'))} shard(s)")
         if args.eval_only:
-            return run_eval_only(args, rt, out_dir, val_tokens, tables, log)
-        return run_training(args, rt, out_dir, train_files, val_tokens, tables, log)
+            code = run_eval_only(args, rt, out_dir, val_tokens, tables, log)
+        else:
+            code = run_training(args, rt, out_dir, train_files, val_tokens, tables, log)
+        rt.barrier()  # leave together: a rank tearing gloo down while another still talks aborts it
+        return code
     except UserError as e:
         if (rt.master if rt is not None else env.get("RANK", "0") == "0"):
             print(f"error: {e}", file=sys.stderr, flush=True)

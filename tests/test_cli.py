@@ -136,8 +136,8 @@ def test_optimiser_stack_end_to_end(tiny_data, tmp_path):
 
 def test_every_rank_stops_at_the_same_step(tiny_data, tmp_path):
     """A rank that stopped alone would leave the other waiting in a collective: the run would hang
-    (and time out) instead of finishing and scoring."""
+    (and time out) instead of finishing and scoring. Runs the banked Parallel Muon end to end."""
     proc = run_script(tiny_env(tiny_data, tmp_path, ITERATIONS=1_000_000, MAX_WALLCLOCK_SECONDS=3,
-                               GPTQ_RESERVE_SECONDS=1, TTT_ENABLED=0), nproc=2, timeout=120)
+                               GPTQ_RESERVE_SECONDS=1, TTT_ENABLED=0, PARALLEL_MUON=1), nproc=2, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stopping_early: wallclock_cap" in proc.stdout and "final_int6_gptq_brotli_sliding_window_exact" in proc.stdout
