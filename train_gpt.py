@@ -11,6 +11,7 @@ Launch lines
     one GPU:     python train_gpt.py                     (same global batch, 8 accumulation steps)
     CPU smoke:   PRESET=smoke torchrun --standalone --nproc_per_node=2 train_gpt.py
     re-score:    EVAL_ONLY=1 ARTIFACT=runs/<id>/model.ptz python train_gpt.py
+    size only:   SIZE_CHECK=1 python train_gpt.py        (artifact bytes of the configuration, no data)
     tests:       python -m pytest -q tests
 
 Configuration is environment variables only (the challenge's convention): every knob is a field of
@@ -24,7 +25,7 @@ level (FlashAttention is looked up when a run starts), and `import train_gpt` ha
 
 Sections, each using only those above it:
     1. errors and small utilities      6. optimisers and schedules
-    2. hyperparameters and presets     7. evaluation (val_bpb)
+    2. hyperparameters and presets     7. evaluation: plain, sliding window, TTT
     3. device and processes            8. quantisation and the artifact
     4. data: shards, loader, bytes     9. logging and outputs
     5. the model                       10. training, scoring, main()

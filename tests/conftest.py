@@ -63,3 +63,16 @@ def log_values(text: str, key: str) -> list[str]:
     import re
 
     return re.findall(rf"(?<![\w]){re.escape(key)}:(-?\d[\d.]*(?:e[-+]?\d+)?|nan|inf)", text)
+
+
+def counting_compile(model, compiles: list):
+    """torch.compile(fullgraph=True) with a backend that records every graph it is given and runs it
+    eagerly: len(compiles) is the number of (re)compilations, without Inductor's cost."""
+    import torch
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend, fullgraph=True, dynamic=False)

@@ -7,6 +7,7 @@ torch.compile(fullgraph=True) with one recompilation when recurrence switches on
 import pytest
 import torch
 
+from conftest import counting_compile
 from train_gpt import (BOS_ID, GPT, Hyperparameters, SmearGate, bigram_buckets, build_optimizers,
                        exclusive_self_attention, parameter_groups)
 
@@ -195,15 +196,9 @@ def test_all_parameters_grouped_and_trained():
 
 def test_compile_fullgraph_recompiles_once_when_looping_switches():
     compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     model = randomize(make(ALL))
     model.looping = False
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    compiled = counting_compile(model, compiles)
     x = tokens()
     outs = [compiled(x, x) for _ in range(3)]
     assert len(compiles) == 1

@@ -162,17 +162,12 @@ def test_late_qat_is_straight_through_fake_quantisation():
 
 
 def test_late_qat_switch_changes_the_compiled_forward():
+    from conftest import counting_compile
     from test_arch import make, randomize, tokens
 
     compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     model = randomize(make({"MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}))
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    compiled = counting_compile(model, compiles)
     x = tokens()
     before = [compiled(x, x) for _ in range(2)]
     assert model.set_qat(6, 12.85, 65536) == 2 * 4  # mlp.fc and mlp.proj of 4 layers exceed 65,536
