@@ -48,23 +48,24 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
 
-    def do_HEAD(self):
+    def _lookup(self, method: str):
+        """The requested file, or None after answering 404."""
+        self.server.requests.append((method, self.path))
         path = self._file()
-        self.server.requests.append(("HEAD", self.path))
         if path is None:
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
-            return
-        self._headers(path, path.stat().st_size)
+        return path
+
+    def do_HEAD(self):
+        path = self._lookup("HEAD")
+        if path is not None:
+            self._headers(path, path.stat().st_size)
 
     def do_GET(self):
-        path = self._file()
-        self.server.requests.append(("GET", self.path))
+        path = self._lookup("GET")
         if path is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
             return
         data = path.read_bytes()
         start = 0
