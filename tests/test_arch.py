@@ -37,7 +37,7 @@ ALL_EXTRA = sum(extra for name, (_, extra) in FEATURES.items() if name not in ("
 
 
 def make(env: dict, seed: int = 0) -> GPT:
-    base = dict(VOCAB_SIZE=str(V), NUM_LAYERS=str(L), MODEL_DIM=str(d), NUM_HEADS=str(H), NUM_KV_HEADS=str(HKV),
+    base = dict(PRESET="baseline", VOCAB_SIZE=str(V), NUM_LAYERS=str(L), MODEL_DIM=str(d), NUM_HEADS=str(H), NUM_KV_HEADS=str(HKV),
                 MLP_MULT="2")
     torch.manual_seed(seed)
     model = GPT(Hyperparameters.from_env({**base, **env}))
@@ -159,7 +159,7 @@ def test_recurrence_order_and_switch():
     model = make({"NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2"})
     assert model.layer_order(looping=False) == [0, 1, 2, 3]
     assert model.layer_order(looping=True) == [0, 1, 2, 1, 2, 1, 2, 3]
-    big = GPT(Hyperparameters.from_env({"NUM_LAYERS": "11", "NUM_LOOPS": "2", "LOOP_START": "3", "LOOP_END": "5"}))
+    big = GPT(Hyperparameters.from_env({"PRESET": "baseline", "NUM_LAYERS": "11", "NUM_LOOPS": "2", "LOOP_START": "3", "LOOP_END": "5"}))
     assert big.layer_order(looping=True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
 
 

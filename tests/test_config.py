@@ -9,7 +9,7 @@ from train_gpt import PRESETS, ConfigError, Hyperparameters
 
 def test_defaults_then_preset_then_env():
     hp = Hyperparameters.from_env({})
-    assert hp.preset == "baseline" and hp.num_layers == PRESETS["baseline"]["num_layers"] == 9
+    assert hp.preset == "pr2005" and hp.vocab_size == PRESETS["pr2005"]["vocab_size"] == 8192
     hp = Hyperparameters.from_env({"PRESET": "smoke", "NUM_LAYERS": "3", "MATRIX_LR": "0.01", "TIE_EMBEDDINGS": "off"})
     assert hp.num_layers == 3 and hp.matrix_lr == 0.01 and hp.tie_embeddings is False
     assert hp.model_dim == PRESETS["smoke"]["model_dim"]
@@ -56,7 +56,7 @@ def test_typo_warnings():
     assert "matrix_lr" in text and "upper case" in text
     assert "NUM_LAYER " in text and "did you mean NUM_LAYERS" in text
     assert len(hp.warnings) == 3  # PATH, HOME, OMP_NUM_THREADS, RANK are not typos
-    assert hp.matrix_lr == PRESETS["baseline"]["matrix_lr"]  # the misspelt values were not used
+    assert hp.matrix_lr == PRESETS["pr2005"]["matrix_lr"]  # the misspelt values were not used
 
 
 def test_bad_variable_on_the_command_line_is_one_line(tmp_path):

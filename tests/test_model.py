@@ -10,7 +10,7 @@ from train_gpt import GPT, Hyperparameters, Rotary, apply_rotary, causal_attenti
 
 
 def tiny_args(**env):
-    base = dict(VOCAB_SIZE="64", NUM_LAYERS="4", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2")
+    base = dict(PRESET="baseline", VOCAB_SIZE="64", NUM_LAYERS="4", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2")
     base.update(env)
     return Hyperparameters.from_env(base)
 

@@ -1,11 +1,13 @@
 """Muon against torch.optim.Muon, Newton-Schulz orthogonality, and the schedules against
 hand-computed values (SPEC section 3)."""
 
+import copy
+
 import pytest
 import torch
 
-from train_gpt import (EMA, SWA, Hyperparameters, Muon, QATLinear, apply_final_weights, build_optimizers, lr_multiplier,
-                       muon_momentum_at, zeropower_via_newtonschulz5)
+from train_gpt import (EMA, SWA, Hyperparameters, Muon, ParallelMuon, QATLinear, apply_final_weights, build_optimizers,
+                       lr_multiplier, muon_momentum_at, zeropower_via_newtonschulz5)
 
 
 def run_muon(opt_cls, w0, grads, **kw):
@@ -53,7 +55,7 @@ def test_newton_schulz_orthogonalises():
 
 
 def hp(**env):
-    return Hyperparameters.from_env({k: str(v) for k, v in env.items()})
+    return Hyperparameters.from_env({"PRESET": "baseline", **{k: str(v) for k, v in env.items()}})
 
 
 def test_warmdown_by_iterations():
@@ -216,3 +218,27 @@ def test_parallel_muon_with_two_processes_equals_plain_muon(tiny_data, tmp_path)
         assert torch.equal(out["banked1_noclip"]["final"][name], out["plain_noclip"]["final"][name]), name
         assert rel("banked2", name) < (0.1 if name.endswith(".weight") and "blocks" in name else 0.01), name
     assert max(rel("plain_noclip", n) for n in ref) > 0.1  # the tolerance would notice a missing clip
+
+
+def test_parallel_muon_continues_after_load_state_dict():
+    """The compile warm-up undoes itself with load_state_dict, which replaces the group dicts; the
+    banks must still find their group (a crash at the first real step of pr754 and pr1696)."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(3)]
+    opt = ParallelMuon(weights, lr=0.02, momentum=0.9)
+    saved = [w.detach().clone() for w in weights], copy.deepcopy(opt.state_dict())
+
+    def step():
+        for w in weights:
+            w.grad = torch.ones_like(w)
+        opt.reduce_gradients()
+        opt.step()
+
+    step()
+    reference = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for w, s in zip(weights, saved[0]):
+            w.copy_(s)
+    opt.load_state_dict(saved[1])
+    step()
+    assert all(torch.equal(w, r) for w, r in zip(weights, reference))

@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import ROOT, log_values, run_script, tiny_env
+from conftest import ROOT, run_script, tiny_env
 from train_gpt import (ARTIFACT_HEADER, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, PERCENTILE_CANDIDATES,
                        ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
                        build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
@@ -96,7 +96,7 @@ def test_gptq_beats_rounding_on_trained_activations(trained_tiny):
 
 
 def scheme_args(bits, clip, embed_bits):
-    return Hyperparameters.from_env({"VOCAB_SIZE": "512", "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "4",
+    return Hyperparameters.from_env({"PRESET": "baseline", "VOCAB_SIZE": "512", "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "4",
                                      "NUM_KV_HEADS": "2", "MLP_MULT": "2", "MATRIX_BITS": str(bits),
                                      "QUANT_CLIP": clip, "EMBED_BITS": str(embed_bits)})
 
@@ -169,25 +169,14 @@ def size_check(**env):
 
 
 def test_size_check_line_and_verdict():
-    ok = size_check(NUM_LAYERS=2, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, COMPRESSOR="zlib")
+    ok = size_check(PRESET="baseline", SELF_EXTRACT=0, NUM_LAYERS=2, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2)
     assert ok.returncode == 0, ok.stderr
     line = ok.stdout.splitlines()[0]
     assert line.startswith("size_check preset:baseline params:") and line.endswith(" limit:16000000")
     b = {k: int(v) for k, v in (x.split(":") for x in line.split()[2:])}
     assert b["bytes_total"] == b["bytes_model"] + b["bytes_code"] and b["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
-    over = size_check(VOCAB_SIZE=65536, NUM_LAYERS=1, COMPRESSOR="zlib", COMPRESS_LEVEL=1)
+    over = size_check(PRESET="baseline", VOCAB_SIZE=65536, NUM_LAYERS=1, COMPRESS_LEVEL=1)
     assert over.returncode == 1 and "OVER by" in over.stdout
-
-
-@pytest.mark.slow
-def test_size_check_full_size_default_stack_fits():
-    """11 layers x 512, vocab 8192, MLP 4x: int6 SDClip matrices, int7 embedding, brotli-11, code
-    counted as its self-extracting copy (about 80 s on 2 cores)."""
-    proc = size_check(VOCAB_SIZE=8192, NUM_LAYERS=11, MODEL_DIM=512, MLP_MULT=4, MATRIX_BITS=6, QUANT_CLIP="sdclip", COMPRESS_LEVEL=-1,
-                      EMBED_BITS=7, EMBED_CLIP_SIGMAS=15, COMPRESSOR="brotli", BYTE_SHUFFLE=1, SELF_EXTRACT=1)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    total = int(log_values(proc.stdout, "bytes_total")[0])
-    assert 14_000_000 < total <= 16_000_000
 
 
 def test_self_extracting_copy_runs_and_reproduces(tiny_data, tmp_path):

@@ -1,0 +1,143 @@
+"""Write the generated parts of the records READMEs from train_gpt.PRESETS, so they cannot drift
+from what the script runs: the feature table in records/README.md and the settings table in each
+preset's records/<preset>/README.md (between `<!-- generated:... -->` markers).
+
+    python records/preset_docs.py --write     # after changing a preset
+    python records/preset_docs.py             # check only: exit 1 when a README is stale
+"""
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from train_gpt import PRESETS, Hyperparameters  # noqa: E402
+
+COLUMNS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754", "baseline")
+
+
+def on(flag, text="yes"):
+    return text if flag else "-"
+
+
+def loops(v):
+    if not v.num_loops:
+        return "-"
+    return f"{v.loop_start}-{v.loop_end} x{1 + v.num_loops} from {v.enable_looping_at:g}"
+
+
+def warmdown(v):
+    if v.warmdown_frac:
+        return f"last {v.warmdown_frac:g} of the budget"
+    return f"last {v.warmdown_iters} steps" if v.warmdown_iters else "-"
+
+
+def quant(v):
+    clip = {"quantile": "fixed quantile", "percentile": "GPTQ-lite search", "sdclip": "SDClip"}[v.quant_clip]
+    gptq = "" if not v.gptq else (" + GPTQ" if v.gptq_embed else " + GPTQ (matrices)")
+    k = f" k {v.matrix_clip_sigmas:g}/{v.embed_clip_sigmas:g}" if v.quant_clip == "sdclip" else ""
+    return f"int{v.matrix_bits} / int{v.embed_bits} emb, {clip}{k}{gptq}"
+
+
+def ttt(v):
+    if not v.ttt_enabled:
+        return "-"
+    freeze = f", freeze {v.ttt_freeze_blocks}" if v.ttt_freeze_blocks else ""
+    return f"{v.ttt_epochs} ep, lr {v.ttt_lr:g}, chunk {v.ttt_chunk_tokens}{freeze}"
+
+
+# (SPEC section, feature, cell from the effective Hyperparameters)
+FEATURES = [
+    ("1.2", "tokenizer", lambda v: f"sp{v.vocab_size}"),
+    ("2", "layers x width, heads/kv", lambda v: f"{v.num_layers}x{v.model_dim}, {v.num_heads}/{v.num_kv_heads}"),
+    ("2", "MLP", lambda v: f"{v.mlp_mult}x {v.mlp_act}"),
+    ("2", "partial RoPE", lambda v: f"{v.rope_dims}/{v.model_dim // v.num_heads}" if v.rope_dims else "-"),
+    ("2", "LN scale 1/sqrt(i+1)", lambda v: on(v.ln_scale)),
+    ("2", "QK gain init", lambda v: f"{v.qk_gain_init:g}"),
+    ("2", "XSA", lambda v: "all" if v.xsa_last_n >= v.num_layers else (f"last {v.xsa_last_n}" if v.xsa_last_n else "-")),
+    ("2", "gated attention", lambda v: {"0": "-", "1": "from input", "headwise": "headwise"}[v.gated_attn]),
+    ("2", "value residual", lambda v: on(v.value_residual)),
+    ("2", "value embeddings", lambda v: f"{v.ve_dim} on {v.ve_layers}" if v.ve_enabled else "-"),
+    ("2", "SmearGate", lambda v: on(v.smear_gate)),
+    ("2", "BigramHash", lambda v: f"{v.bigram_vocab_size}x{v.bigram_dim}" if v.bigram_vocab_size else "-"),
+    ("2", "U-Net skips", lambda v: ("gated" if v.skip_gates else "yes") if v.unet_skips else "-"),
+    ("2", "depth recurrence", loops),
+    ("2", "parallel residuals", lambda v: f"from {v.parallel_residual_start}" if v.parallel_residual_start >= 0 else "-"),
+    ("2", "block attention residuals", lambda v: on(v.attn_res, f"{v.attn_res_block_size}, {v.attn_res_mix:g}, "
+                                                             f"{v.attn_res_temp:g}")),
+    ("2", "OrthoInit", lambda v: on(v.ortho_init)),
+    ("3", "Muon lr / wd", lambda v: f"{v.matrix_lr:g} / {v.muon_wd:g}"),
+    ("3", "MuonEq-R", lambda v: on(v.muon_row_normalize)),
+    ("3", "Parallel Muon (banks)", lambda v: on(v.parallel_muon)),
+    ("3", "momentum", lambda v: f"{v.muon_momentum_warmup_start:g}->{v.muon_momentum:g} / {v.muon_momentum_warmup_steps}"),
+    ("3", "AdamW wd (scalars / emb)", lambda v: f"{v.adam_wd:g} / {v.embed_wd:g}"),
+    ("3", "warm-down", warmdown),
+    ("3", "time cap / steps", lambda v: f"{v.max_wallclock_seconds:g} s" if v.max_wallclock_seconds else f"{v.iterations} steps"),
+    ("3", "EMA", lambda v: f"{v.ema_decay:g}" if v.ema_decay else "-"),
+    ("3", "SWA", lambda v: f"every {v.swa_every} below {v.swa_start_scale:g}" if v.swa_every else "-"),
+    ("3", "late QAT", lambda v: f"below {v.late_qat_threshold:g}" if v.late_qat_threshold else "-"),
+    ("4", "quantisation", quant),
+    ("4", "compressor", lambda v: v.compressor + (f"-{v.compress_level}" if v.compress_level >= 0 else "")
+     + (" + shuffle" if v.byte_shuffle else "")),
+    ("4", "self-extracting code", lambda v: on(v.self_extract)),
+    ("5", "sliding window", lambda v: f"stride {v.eval_stride}" if v.eval_stride else "-"),
+    ("5", "score-first TTT", ttt),
+]
+
+
+def effective(name: str) -> Hyperparameters:
+    return Hyperparameters.from_env({"PRESET": name})
+
+
+def feature_table() -> str:
+    values = {name: effective(name) for name in COLUMNS}
+    rows = ["| SPEC | feature | " + " | ".join(f"`{c}`" for c in COLUMNS) + " |",
+            "|---|---|" + "---|" * len(COLUMNS)]
+    for section, label, cell in FEATURES:
+        rows.append(f"| {section} | {label} | " + " | ".join(cell(values[c]) for c in COLUMNS) + " |")
+    return "\n".join(rows)
+
+
+def settings_table(name: str) -> str:
+    defaults = {f.name: f.default for f in Hyperparameters.knobs()}
+    rows = ["| variable | value | script default |", "|---|---|---|"]
+    for key, value in sorted(PRESETS[name].items()):
+        shown = "same" if defaults[key] == value else f"`{defaults[key]!r}`"
+        rows.append(f"| `{key.upper()}` | `{value!r}` | {shown} |")
+    return "\n".join(rows)
+
+
+def replace_block(text: str, tag: str, body: str, path: Path) -> str:
+    begin, end = f"<!-- generated:{tag} -->", f"<!-- /generated:{tag} -->"
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"error: {path} lacks the markers {begin} ... {end}")
+    return text[:i + len(begin)] + "\n" + body + "\n" + text[j:]
+
+
+def generated() -> dict[Path, str]:
+    """Every README with its generated blocks brought up to date."""
+    out = {}
+    path = HERE / "README.md"
+    out[path] = replace_block(path.read_text(encoding="utf-8"), "features", feature_table(), path)
+    for name in COLUMNS:
+        path = HERE / name / "README.md"
+        out[path] = replace_block(path.read_text(encoding="utf-8"), "settings", settings_table(name), path)
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    stale = [p for p, text in generated().items() if p.read_text(encoding="utf-8") != text]
+    if "--write" in argv:
+        for p, text in generated().items():
+            p.write_text(text, encoding="utf-8")
+        print(f"updated {len(stale)} file(s)")
+        return 0
+    for p in stale:
+        print(f"stale: {p.relative_to(HERE.parent)} (run python records/preset_docs.py --write)")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmarks: a single-process runtime, timed training steps on random tokens
+(throughput does not depend on the data), evaluation throughput, tables and JSON results."""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+# The smoke preset's dimensions: the baseline preset is measured at these too.
+SMOKE_SHAPE = {k.upper(): str(tg.PRESETS["smoke"][k]) for k in (
+    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "eval_seq_len",
+    "train_batch_tokens")}
+
+
+def hyperparameters(env: dict) -> tg.Hyperparameters:
+    return tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
+
+
+def runtime(args: tg.Hyperparameters) -> tg.Runtime:
+    """One process on CUDA when there is one, else the CPU (bf16 autocast where supported)."""
+    return tg.init_runtime(args, {})
+
+
+class Trainer:
+    """A model, its optimizers and EMA, stepping exactly as train() does (training_step + EMA)."""
+
+    def __init__(self, args: tg.Hyperparameters, rt: tg.Runtime, compile_model: bool = False, seed: int = 0):
+        self.args, self.rt = args, rt
+        torch.manual_seed(seed)
+        self.raw = tg.GPT(args, rt.attn_backend).to(rt.device)
+        self.optimizers = tg.build_optimizers(self.raw, args, rt.device)
+        self.model = torch.compile(self.raw, dynamic=False) if compile_model else self.raw
+        self.ema = tg.EMA(self.raw, args.ema_decay) if args.ema_decay > 0 else None
+        self.accum, self.local = tg.batch_split(args, rt)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tokens_per_step = args.train_batch_tokens
+
+    def batches(self):
+        out = []
+        for _ in range(self.accum):
+            t = torch.randint(0, self.args.vocab_size, (self.local + 1,), generator=self.gen)
+            out.append((t[:-1].view(-1, self.args.train_seq_len).to(self.rt.device),
+                        t[1:].view(-1, self.args.train_seq_len).to(self.rt.device)))
+        return out
+
+    def steps(self, n: int, looping: bool = False) -> float:
+        """Seconds per step over n steps (the clock starts and ends with the device idle)."""
+        self.raw.looping = looping
+        batches = [self.batches() for _ in range(n)]
+        self.rt.sync()
+        t0 = time.perf_counter()
+        for b in batches:
+            tg.training_step(self.model, self.optimizers, b, self.args, self.rt, self.accum)
+            if self.ema is not None:
+                self.ema.update(self.raw)
+        self.rt.sync()
+        return (time.perf_counter() - t0) / n
+
+
+def synthetic_tables(vocab_size: int, device) -> tg.ByteTables:
+    """One byte per token: evaluation throughput does not depend on the byte counts."""
+    return tg.ByteTables(torch.ones(vocab_size, dtype=torch.int64), torch.zeros(vocab_size, dtype=torch.bool),
+                         torch.zeros(vocab_size, dtype=torch.bool)).to(device)
+
+
+def eval_throughput(raw: tg.GPT, args: tg.Hyperparameters, rt: tg.Runtime, n_tokens: int) -> dict:
+    """Tokens per second of the sliding window and of score-first TTT on random tokens."""
+    gen = torch.Generator().manual_seed(1)
+    val = torch.randint(0, args.vocab_size, (n_tokens + 1,), generator=gen)
+    val[0] = tg.BOS_ID
+    tables = synthetic_tables(args.vocab_size, rt.device)
+    raw.looping = args.num_loops > 0
+    out = {}
+    r = tg.evaluate(raw, val, tables, args, rt, stride=args.eval_stride)
+    out["sliding_tokens_per_s"] = r.tokens / r.seconds
+    if args.ttt_enabled:
+        import copy
+
+        r, _ = tg.evaluate_ttt(copy.deepcopy(raw), val, tables, args, rt)
+        out["ttt_tokens_per_s"] = r.tokens / r.seconds
+    return out
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def save(path: str | Path, doc: dict) -> None:
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__, **doc}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tg.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
