@@ -112,3 +112,26 @@ def test_parameter_count_formula():
     per_block = d * d * 2 + d * hkv * 2 + 2 * (2 * d * d) + 4 + 4 * d  # q,o; k,v; fc,proj; q_gain; scales+mix
     expected = V * d + L * per_block + 2 * d
     assert sum(p.numel() for p in GPT(args).parameters()) == expected
+
+
+def test_flash_backends_get_bf16_inputs(monkeypatch):
+    """FlashAttention takes bf16 only, while q and k leave the QK-norm in float32 under autocast: the
+    flash paths cast, and give the same result as SDPA (a stand-in module checks the dtypes)."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    def fake_flash(q, k, v, causal):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16 and causal
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=True)
+        return y.transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash))
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8)
+    v = torch.randn(2, 16, 2, 8).bfloat16()
+    flash = causal_attention(q, k, v, "flash2")
+    sdpa = causal_attention(q.bfloat16(), k.bfloat16(), v, "sdpa")
+    assert flash.dtype == torch.bfloat16 and torch.allclose(flash.float(), sdpa.float(), atol=1e-2)

@@ -242,3 +242,32 @@ def test_parallel_muon_continues_after_load_state_dict():
     opt.load_state_dict(saved[1])
     step()
     assert all(torch.equal(w, r) for w, r in zip(weights, reference))
+
+
+def test_compile_warmup_compiles_every_graph_the_run_uses(tiny_data):
+    """After the warm-up, the run's real batches in every state it switches to (recurrence on, late
+    QAT on) must reuse the warm-up's graphs: no recompilation inside the timed budget (trap 14)."""
+    from conftest import TINY_VOCAB, counting_compile
+    from train_gpt import (CPU_RUNTIME_FOR_TESTS as rt, GPT, PASSTHROUGH_MAX_ELEMENTS, DistributedTokenLoader,
+                           batch_split, check_train_shards, compile_warmup, qat_sigmas, training_step)
+
+    args = Hyperparameters.from_env({
+        "PRESET": "smoke", "VOCAB_SIZE": str(TINY_VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2",
+        "NUM_KV_HEADS": "1", "LOOP_START": "0", "LOOP_END": "1", "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "256",
+        "COMPILE_WARMUP_STEPS": "4", "LATE_QAT_THRESHOLD": "0.15"})
+    torch.manual_seed(0)
+    raw = GPT(args)
+    optimizers = build_optimizers(raw, args, rt.device)
+    compiles = []
+    model = counting_compile(raw, compiles)
+    accum, local = batch_split(args, rt)
+    compile_warmup(model, raw, optimizers, args, rt, accum, local, log=lambda *a, **k: None)
+    warmed = len(compiles)
+    assert warmed >= 2  # at least the plain and the looped order
+    loader = DistributedTokenLoader(check_train_shards(str(tiny_data)), TINY_VOCAB, 0, 1, rt.device)
+    for looping, qat in ((False, False), (True, False), (True, True)):
+        raw.looping = looping
+        raw.set_qat(args.matrix_bits if qat else 0, qat_sigmas(args), PASSTHROUGH_MAX_ELEMENTS)
+        batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
+        training_step(model, optimizers, batches, args, rt, accum)
+    assert len(compiles) == warmed

@@ -7,7 +7,8 @@ optimiser, quantisation and evaluation, under torchrun with 2 processes. Not col
     python tests/bench/quality_bench.py --quick               # tiny, seconds (the tests run this)
 
 "Baseline architecture" = the smoke preset with every SPEC section 2 feature switched back to the
-naive baseline's (MLP 2x relu2, full RoPE, no LN scale, XSA, gates, gated skips or recurrence).
+naive baseline's (relu2, QK gain 1.5, full RoPE, no LN scale, XSA, gates, gated skips or
+recurrence), at the same size (MLP width included).
 The runs alternate (stack, baseline, stack, ...) so that both see the same machine load. Prints a
 table (pre-quant, round-trip and final TTT val_bpb, steps) and writes
 tests/bench/results/quality_bench.json (or --out).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from benchlib import ROOT, print_table, save
 
-BASELINE_ARCHITECTURE = dict(MLP_MULT=2, MLP_ACT="relu2", ROPE_DIMS=0, LN_SCALE=0, XSA_LAST_N=0, GATED_ATTN="0",
+BASELINE_ARCHITECTURE = dict(MLP_ACT="relu2", QK_GAIN_INIT=1.5, ROPE_DIMS=0, LN_SCALE=0, XSA_LAST_N=0, GATED_ATTN="0",
                              SKIP_GATES=0, NUM_LOOPS=0)
 QUICK = dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32,
              TRAIN_BATCH_TOKENS=512, LOOP_START=0, LOOP_END=1, EVAL_STRIDE=8, TTT_CHUNK_TOKENS=2048,

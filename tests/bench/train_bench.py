@@ -1,6 +1,7 @@
 """Training throughput on this machine: the default stack (the smoke preset: pr2005's features at
-4 layers x 128) against the baseline preset at the same dimensions, in one process, alternating
-rounds so that both see the same machine load. Not collected by pytest.
+4 layers x 128, MLP 4x) against the baseline preset at the same dimensions (MLP width included; the
+baseline keeps relu² and its optimiser), in one process, alternating rounds so that both see the
+same machine load. Not collected by pytest.
 
     python tests/bench/train_bench.py                  # eager and torch.compile, about 5 minutes
     python tests/bench/train_bench.py --no-compile     # eager only

@@ -1,0 +1,65 @@
+"""The benchmarks in tests/bench run end to end at tiny sizes, so none of them can rot: training
+throughput, equal-time quality, evaluation throughput and the GPU benchmark in its CPU dry mode.
+(The artifact benchmark's quick mode is run by test_quant.py.) Their numbers are not checked here:
+performance claims come from full runs, committed under tests/bench/results/."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_VOCAB
+
+BENCH = ROOT / "tests" / "bench"
+
+
+def run_bench(script: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_train_bench_quick(tmp_path):
+    out = tmp_path / "train.json"
+    proc = run_bench("train_bench.py", "--quick", "--no-compile", "--out", str(out))
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"baseline", "default plain", "default looped", "default run-average"}
+    for r in doc["results"].values():
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0
+    assert doc["ratio_run_average_vs_baseline"] > 0
+    assert "x baseline" in proc.stdout
+
+
+def test_eval_bench_quick(tmp_path):
+    out = tmp_path / "eval.json"
+    run_bench("eval_bench.py", "--quick", "--out", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["sliding_tokens_per_s"] > 0 and doc["ttt_tokens_per_s"] > 0
+
+
+def test_gpu_bench_dry_mode(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run_bench("gpu_bench.py", "--dry", "--out", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["dry"] and doc["device"] == "cpu (dry)"
+    assert set(doc["train"]) == {"plain", "looped", "run average"}
+    assert doc["train"]["looped"]["flops_per_token"] > doc["train"]["plain"]["flops_per_token"] > 0
+    for key in ("steps_in_budget_8gpu", "sliding_seconds_8gpu", "ttt_seconds_8gpu"):
+        assert math.isfinite(doc[key]) and doc[key] > 0
+    assert "MFU" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quality_bench_quick(tiny_data, tmp_path):
+    out = tmp_path / "quality.json"
+    proc = run_bench("quality_bench.py", "--quick", "--nproc", "1", "--out", str(out), "--env", f"DATA_PATH={tiny_data}",
+                     "--env", f"TOKENIZER_PATH={tiny_data / 'tokenizer.model'}", "--env", f"VOCAB_SIZE={TINY_VOCAB}")
+    doc = json.loads(out.read_text())
+    stack, base = doc["results"]["default stack"][0], doc["results"]["baseline architecture"][0]
+    assert stack["params"] > base["params"] and stack["steps"] > 0 and base["steps"] > 0
+    assert math.isfinite(doc["ttt_bpb_gap"])
+    assert "default stack minus baseline architecture" in proc.stdout
