@@ -134,9 +134,12 @@ def merged_submission(runs: list[dict], meta: dict) -> dict:
     doc["runs"] = [{"seed": s["seed"], "val_loss": s["val_loss"], "val_bpb": s["val_bpb"],
                     "steps": s["steps"], "train_seconds": s["train_seconds"], "eval_seconds": s["eval_seconds"],
                     "bytes_total": s["bytes_total"], "stages": s.get("stages", {})} for s in subs]
-    doc["compliance"] = {k: all(s["compliance"].get(k) is True for s in subs) if all(
-        isinstance(s["compliance"].get(k), bool) for s in subs) else subs[0]["compliance"].get(k)
-        for k in subs[0]["compliance"]}
+    doc["eval_seconds"] = {stage: max(s["eval_seconds"].get(stage, 0.0) for s in subs)
+                           for stage in subs[0]["eval_seconds"]}
+    doc["compliance"] = {}
+    for key, first in subs[0]["compliance"].items():  # a flag holds only if it holds for every seed
+        values = [s["compliance"].get(key) for s in subs]
+        doc["compliance"][key] = all(v is True for v in values) if all(isinstance(v, bool) for v in values) else first
     doc["hyperparameters"] = {k: v for k, v in subs[0]["hyperparameters"].items() if k not in PER_RUN}
     return doc
 

@@ -107,6 +107,8 @@ def test_make_record_from_two_seeds(two_seeds, tmp_path):
     assert doc["val_bpb"] == pytest.approx((subs[0]["val_bpb"] + subs[1]["val_bpb"]) / 2)
     assert doc["val_bpb_std"] == pytest.approx(abs(subs[0]["val_bpb"] - subs[1]["val_bpb"]) / math.sqrt(2))
     assert doc["bytes_total"] == max(s["bytes_total"] for s in subs)
+    assert doc["eval_seconds"]["roundtrip"] == max(s["eval_seconds"]["roundtrip"] for s in subs)
+    assert doc["compliance"]["artifact_under_16000000_bytes"] is True
     assert [r["val_bpb"] for r in doc["runs"]] == [s["val_bpb"] for s in subs]
     assert "SEED" not in doc["hyperparameters"]
     # the counted code is the runs' packed copy, and it unpacks to the source they ran
