@@ -219,9 +219,12 @@ def make_record(run_dirs: list[Path], out: Path, meta: dict, force: bool = False
         shutil.copyfile(ROOT / "requirements.txt", tmp / "requirements.txt")
         (tmp / "README.md").write_text(readme_text(doc, runs, launch_command(runs[0]), readable is not None),
                                        encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.replaced") if out.exists() else None
+        if old:  # --force: the previous folder stays whole until the new one is in place
+            out.rename(old)
         tmp.rename(out)
+        if old:
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

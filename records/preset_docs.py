@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from train_gpt import PRESETS, Hyperparameters  # noqa: E402
+from train_gpt import PRESETS, Hyperparameters, atomic_write_text  # noqa: E402
 
 COLUMNS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754", "baseline")
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     stale = [p for p, text in generated().items() if p.read_text(encoding="utf-8") != text]
     if "--write" in argv:
         for p, text in generated().items():
-            p.write_text(text, encoding="utf-8")
+            atomic_write_text(p, text)
         print(f"updated {len(stale)} file(s)")
         return 0
     for p in stale:

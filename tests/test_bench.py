@@ -63,3 +63,16 @@ def test_quality_bench_quick(tiny_data, tmp_path):
     assert stack["params"] > base["params"] and stack["steps"] > 0 and base["steps"] > 0
     assert math.isfinite(doc["ttt_bpb_gap"])
     assert "default stack minus baseline architecture" in proc.stdout
+
+
+def test_gpu_bench_flops_per_token_by_hand():
+    """2 layers x 32 wide, 2 heads / 1 kv head (head dim 16), MLP 2x, vocab 64, sequences of 16:
+    per block q 32x32 + k 16x32 + v 16x32 + proj 32x32 + fc 64x32 + proj 32x64 = 7,168 weights;
+    head 64 x 32 = 2,048; causal attention 16 x 32 per layer. Training = 6 FLOPs per weight."""
+    sys.path.insert(0, str(BENCH))
+    import gpu_bench
+    from train_gpt import GPT, Hyperparameters
+
+    args = Hyperparameters.from_env({"PRESET": "baseline", "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2",
+                                     "NUM_KV_HEADS": "1", "MLP_MULT": "2", "VOCAB_SIZE": "64", "TRAIN_SEQ_LEN": "16"})
+    assert gpu_bench.flops_per_token(GPT(args), args, looping=False) == 6 * (2 * 7168 + 2048 + 2 * 16 * 32)

@@ -122,6 +122,10 @@ def test_make_record_from_two_seeds(two_seeds, tmp_path):
     assert "PRESET=smoke " in readme and " NUM_LAYERS=2 " in readme and "SEED=<seed> torchrun" in readme
     assert "| `MODEL_DIM` | `32` | env |" in readme
     assert not list(out.parent.glob(".2026-11-25_tiny.*"))  # no temporary folder left behind
+    (out / "stale.txt").write_text("from an earlier attempt")
+    assert make_record.main([*map(str, two_seeds), "--out", str(out), "--force"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "README.md").exists()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # neither the old nor a temporary folder
 
 
 def test_make_record_refuses_mismatched_runs(two_seeds, tmp_path, capsys):

@@ -33,7 +33,8 @@ DRY = dict(DEVICE="cpu", NUM_LAYERS=6, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1
 def flops_per_token(model, args, looping: bool) -> float:
     """Training FLOPs per token: 3 x forward (2 per multiply-add), matrices and causal attention."""
     order = model.layer_order() if looping else list(range(args.num_layers))
-    per_layer = [sum(p.numel() for n, p in block.named_parameters() if p.ndim == 2) for block in model.blocks]
+    per_layer = [sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+                 for block in model.blocks]
     matrix = sum(per_layer[i] for i in order) + args.vocab_size * args.model_dim
     attention = len(order) * args.train_seq_len * args.model_dim  # causal: T/2 keys x d x 2 (QK, AV)
     return 6.0 * (matrix + attention)
