@@ -108,6 +108,26 @@ def test_ttt_scores_a_chunk_before_training_on_it(model_and_val):
     assert torch.equal(m.blocks[0].attn.c_q.weight, model.blocks[0].attn.c_q.weight)  # frozen block untouched
 
 
+def test_evaluation_batches_have_one_shape(model_and_val):
+    """Short windows and short batches are padded (window_batch), so a compiled scoring model sees one
+    input shape for scoring and one for TTT training: a tail of another size would recompile inside
+    the timed evaluation (on an H100 that cost 309 s before the padding)."""
+    model, val = model_and_val
+    args, tables = tiny_args(**TTT_ENV), tiny_tables()
+    m = copy.deepcopy(model)
+    shapes, hidden = {"score": set(), "train": set()}, m.hidden
+
+    def spy(x):
+        shapes["train" if torch.is_grad_enabled() else "score"].add(tuple(x.shape))
+        return hidden(x)
+
+    m.hidden = spy
+    evaluate(m, val, tables, args, CPU)  # 600 targets: 18 windows of 32 and one of 24
+    evaluate(m, val, tables, args, CPU, stride=8)
+    evaluate_ttt(m, val, tables, args, CPU)  # chunks of 4 sequences, TTT batches of 3 and 1
+    assert shapes == {"score": {(4, 32)}, "train": {(3, 32)}}
+
+
 def test_ttt_cosine_schedule():
     args = tiny_args(TTT_LR="0.004")
     assert [ttt_lr_at(c, 4, args) for c in range(5)] == pytest.approx([0.004, 0.003414, 0.002, 0.000586, 0.0], abs=1e-6)

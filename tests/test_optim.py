@@ -38,6 +38,30 @@ def test_muon_matches_torch_muon(shape, nesterov):
     assert rel(run_muon(Muon, w0, grads, **{**kw, "weight_decay": 0.0})) > 0.1
 
 
+def test_muon_batches_by_shape_as_single_matrices():
+    """One Muon over matrices of three shapes (orthogonalised per shape in a batch) moves each matrix
+    as a Muon over that matrix alone does, with MuonEq-R and a missing gradient among them."""
+    torch.manual_seed(0)
+    shapes = [(32, 48), (48, 32), (32, 48), (16, 16), (32, 48), (48, 32)]
+    w0 = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    grads[1][4] = None
+    kw = dict(lr=0.02, momentum=0.9, weight_decay=0.1, row_normalize=True)
+    params = [torch.nn.Parameter(w.clone()) for w in w0]
+    opt = Muon(params, **kw)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    for i, p in enumerate(params):
+        alone = torch.nn.Parameter(w0[i].clone())
+        single = Muon([alone], **kw)
+        for step in grads:
+            alone.grad = None if step[i] is None else step[i].clone()
+            single.step()
+        assert ((p.data - alone.data).norm() / (alone.data - w0[i]).norm()).item() < 1e-2, i
+
+
 def test_newton_schulz_equals_torch_implementation():
     from torch.optim._muon import _zeropower_via_newtonschulz
 

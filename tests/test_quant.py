@@ -2,6 +2,7 @@
 against plain rounding on a trained model's activations, an exact round trip for every scheme,
 compressor and byte shuffle, one clear error for bad files, SIZE_CHECK and the self-extracting copy."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, tiny_env
-from train_gpt import (ARTIFACT_HEADER, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, PERCENTILE_CANDIDATES,
+from train_gpt import (ARTIFACT_HEADER, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, GPTQ_DAMPS, PERCENTILE_CANDIDATES,
                        ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
                        build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
-                       gptq_round, pack_artifact, quantize_state_dict, round_to_grid, row_quantiles, row_scales,
+                       gptq_round, pack_artifact, quant_spec_for, quantize_state_dict, round_to_grid, row_quantiles,
+                       row_scales,
                        shard_files, to_fp16_scale, training_step, unpack_artifact)
 
 CPU = CPU_RUNTIME_FOR_TESTS
@@ -54,14 +56,82 @@ def test_gptq_with_uncorrelated_inputs_is_plain_rounding():
     w = torch.randn(32, 200)
     s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
     H = torch.diag(torch.rand(200) + 0.5)  # diagonal: no error can be compensated elsewhere
-    assert torch.equal(gptq_round(w, H, s, 31), round_to_grid(w, s, 31))
+    assert torch.equal(gptq_round(w, H, s, 31)[0], round_to_grid(w, s, 31))
     H[5, 5] = 0.0  # a dead column: zeroed
-    assert torch.all(gptq_round(w, H, s, 31)[:, 5] == 0)
+    assert torch.all(gptq_round(w, H, s, 31)[0][:, 5] == 0)
 
 
 def test_gptq_falls_back_on_cholesky_failure():
     bad = torch.full((8, 8), float("nan"))
     assert gptq_round(torch.randn(4, 8), bad, torch.ones(4), 31) is None
+
+
+def test_gptq_raises_the_damping_before_giving_up():
+    """A Hessian with one eigenvalue -0.05 and fifteen 1 (mean diagonal 0.93): SPEC's 1% damping
+    leaves it indefinite, 10% makes it positive definite."""
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(16, 16))
+    eig = torch.ones(16)
+    eig[3] = -0.05
+    H = basis @ torch.diag(eig) @ basis.T
+    w = torch.randn(8, 16)
+    s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
+    q, damp = gptq_round(w, H, s, 31)
+    assert damp == GPTQ_DAMPS[1] and q.abs().max() <= 31
+
+
+def test_gptq_failure_falls_back_to_the_configured_clip():
+    """When GPTQ cannot run, the matrix is rounded with QUANT_CLIP's rule, not the percentile search
+    (which packs much larger than the SDClip that SIZE_CHECK vouched for)."""
+    args = scheme_args(6, "sdclip", 8)
+    w = torch.randn(256, 512)
+    name = "blocks.0.mlp.proj.weight"
+    spec = quant_spec_for(name, w, args)
+    lines = []
+    q = quantize_state_dict({name: w}, args, {name: -torch.eye(512)}, log=lines.append)
+    assert torch.equal(q["scale"][name], row_scales(w, spec))
+    assert torch.equal(q["q"][name], round_to_grid(w, row_scales(w, spec).float(), spec.qmax).to(torch.int8))
+    assert lines and "plain rounding with sdclip clips" in lines[0]
+
+
+def test_hessians_are_float32_sums_under_bf16_autocast():
+    """The hooks run inside the calibration forward's bf16 autocast; H must still be a float32 sum.
+    (bf16 sums left 38 of 66 Hessians of a pr2005 model indefinite on an H100.) Reference: the same
+    inputs captured by hooks of our own and summed in float64."""
+    args = scheme_args(6, "sdclip", 8)
+    torch.manual_seed(0)
+    model = GPT(args)
+    batches = [torch.randint(0, 512, (4, 64)) for _ in range(3)]
+    bf16 = dataclasses.replace(CPU, autocast_dtype=torch.bfloat16)
+    hessians = collect_hessians(model, batches, bf16)
+    name = "blocks.1.mlp.proj.weight"
+    seen = []
+    hook = model.blocks[1].mlp.proj.register_forward_hook(
+        lambda m, i, o: seen.append(i[0].detach().double().reshape(-1, i[0].size(-1))))
+    with torch.no_grad(), bf16.autocast():
+        for x in batches:
+            model.forward_logits(x)
+    hook.remove()
+    x = torch.cat(seen)
+    ref = x.T @ x / x.size(0)
+    assert hessians[name].dtype == torch.float32
+    assert ((hessians[name].double() - ref).norm() / ref.norm()).item() < 1e-5  # bf16 sums: ~1e-3
+
+
+def test_gptq_algebra_runs_without_tf32(monkeypatch):
+    """TF32 (on for training on CUDA) makes Hessians indefinite: the factorisations and the Hessian
+    sums run with it off, and the flag is restored afterwards."""
+    seen, cholesky = [], torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda *a, **k: (seen.append(torch.backends.cuda.matmul.allow_tf32),
+                                                                  cholesky(*a, **k))[1])
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        w = torch.randn(8, 16)
+        gptq_round(w, torch.eye(16), row_scales(w, QuantSpec(6, "sdclip", 12.85)).float(), 31)
+        assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +159,7 @@ def test_gptq_beats_rounding_on_trained_activations(trained_tiny):
         w = state[name]
         s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
         err = lambda q: torch.trace((w - q * s[:, None]) @ H @ (w - q * s[:, None]).T).sqrt().item()  # noqa: E731
-        gains.append(1 - err(gptq_round(w, H, s, 31)) / err(round_to_grid(w, s, 31)))
+        gains.append(1 - err(gptq_round(w, H, s, 31)[0]) / err(round_to_grid(w, s, 31)))
     assert len(gains) == 2 * 6 + 1
     print("gptq reconstruction-error reduction per layer:", [round(g, 3) for g in gains])
     assert sum(gains) / len(gains) >= 0.20, gains

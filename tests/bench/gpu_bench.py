@@ -18,7 +18,7 @@ Writes tests/bench/results/gpu_bench.json (or --out).
 """
 
 import argparse
-import dataclasses
+import time
 
 import torch
 
@@ -40,6 +40,27 @@ def flops_per_token(model, args, looping: bool) -> float:
     return 6.0 * (matrix + attention)
 
 
+def profile_steps(trainer: Trainer, looping: bool, path: str, steps: int = 3) -> str:
+    """torch.profiler over `steps` training steps: the operators with the most device time (host time
+    on CPU) go to `path`; returns a line comparing the device's busy time with the wall clock."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.rt.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        trainer.steps(steps, looping)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "device_time_total" if cuda else "cpu_time_total"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"== {'looped' if looping else 'plain'}, {steps} steps, {wall * 1000:.1f} ms\n")
+        f.write(events.table(sort_by=key, row_limit=40, max_name_column_width=70) + "\n")
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not their host-side callers
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 if cuda else float("nan")
+    return (f"profile ({'looped' if looping else 'plain'}): {1000 * wall / steps:.1f} ms/step wall, device busy "
+            f"{1000 * busy / steps:.1f} ms/step ({100 * busy / wall:.0f}%); operators in {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", help="CPU, tiny sizes")
@@ -47,6 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=2_000_000)
     ap.add_argument("--ttt-tokens", type=int, default=320_000)
     ap.add_argument("--out", default="tests/bench/results/gpu_bench.json")
+    ap.add_argument("--profile", metavar="TXT", help="also profile 3 plain and 3 looped steps into this file")
     a = ap.parse_args(argv)
     world = 8
     env = {"PRESET": "pr2005", "TRAIN_BATCH_TOKENS": 786432 // world, "GRAD_ACCUM_STEPS": 1}
@@ -65,6 +87,7 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
     ms = {looping: 1000 * trainer.steps(steps, looping) for looping in (False, True)}
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if rt.device.type == "cuda" else 0.0
+    profile_lines = [profile_steps(trainer, looping, a.profile) for looping in (False, True)] if a.profile else []
     run_ms = 1 / (0.35 / ms[False] + 0.65 / ms[True])  # tokens/s weighted by wall-clock share
     tokens = args.train_batch_tokens
     name = torch.cuda.get_device_name() if rt.device.type == "cuda" else "cpu (dry)"
@@ -78,19 +101,23 @@ def main(argv=None) -> int:
         results[label] = {"ms_per_step": m, "tokens_per_s": tps, "flops_per_token": f, "mfu": mfu}
         rows.append([label, m, tps, f"{100 * mfu:.1f}%" if mfu else "-"])
     steps_600 = (600 - args.gptq_reserve_seconds) / (run_ms / 1000)
-    ev = eval_throughput(trainer.raw, dataclasses.replace(args, ttt_enabled=False), rt, eval_tokens)
-    tt = eval_throughput(trainer.raw, args, rt, ttt_tokens)
+    ev = eval_throughput(trainer.raw, args, rt, eval_tokens, ttt_tokens)
     sliding_s = VAL_TOKENS_SP8192 / (world * ev["sliding_tokens_per_s"])
-    ttt_s = VAL_TOKENS_SP8192 / (world * tt["ttt_tokens_per_s"])
+    ttt_s = VAL_TOKENS_SP8192 / (world * ev["ttt_tokens_per_s"])
     print(f"{name}, {rt.attn_backend}, compile {'on' if rt.compile else 'off'}, per-GPU batch {tokens} tokens")
     print_table(["training step", "ms/step", "tokens/s/GPU", "MFU"], rows)
     print(f"steps in {600 - args.gptq_reserve_seconds:g} s on {world} GPUs (no communication): {steps_600:.0f}")
     print_table(["evaluation", "tokens/s/GPU", f"s for the val set on {world} GPUs"],
-                [["sliding window", ev["sliding_tokens_per_s"], sliding_s], ["score-first TTT", tt["ttt_tokens_per_s"], ttt_s]])
+                [["sliding window", ev["sliding_tokens_per_s"], sliding_s], ["score-first TTT", ev["ttt_tokens_per_s"], ttt_s]])
+    if "compile_seconds" in ev:
+        print(f"compiling the scoring and TTT graphs (once per run, inside the evaluation time): "
+              f"{ev['compile_seconds']:.0f} s")
     print(f"peak memory: {peak_mem:.1f} GiB")
+    print("\n".join(profile_lines))
     save(a.out, {"bench": "gpu", "dry": a.dry, "device": name, "attention": rt.attn_backend, "compile": rt.compile,
                  "per_gpu_batch_tokens": tokens, "train": results, "steps_in_budget_8gpu": steps_600,
-                 "sliding_tokens_per_s": ev["sliding_tokens_per_s"], "ttt_tokens_per_s": tt["ttt_tokens_per_s"],
+                 "sliding_tokens_per_s": ev["sliding_tokens_per_s"], "ttt_tokens_per_s": ev["ttt_tokens_per_s"],
+                 "eval_compile_seconds": ev.get("compile_seconds"),
                  "sliding_seconds_8gpu": sliding_s, "ttt_seconds_8gpu": ttt_s, "peak_memory_gib": peak_mem})
     return 0
 

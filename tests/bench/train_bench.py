@@ -8,7 +8,7 @@ same machine load. Not collected by pytest.
     python tests/bench/train_bench.py --quick          # a few tiny steps (the tests run this)
 
 The default stack runs its first 35% of the budget with the plain 4-layer order and the rest with
-layers 1-2 looped (8 virtual layers); its run-average throughput is 0.35 x plain + 0.65 x looped
+layer 2 looped (6 virtual layers); its run-average throughput is 0.35 x plain + 0.65 x looped
 (tokens per second, weighted by the share of the wall-clock budget). Random tokens: throughput does
 not depend on the data. Prints a table and writes tests/bench/results/train_bench.json (or --out).
 """
