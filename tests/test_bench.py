@@ -43,7 +43,7 @@ def test_eval_bench_quick(tmp_path):
 
 def test_gpu_bench_dry_mode(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = run_bench("gpu_bench.py", "--dry", "--out", str(out))
+    proc = run_bench("gpu_bench.py", "--dry", "--out", str(out), "--profile", str(tmp_path / "profile.txt"))
     doc = json.loads(out.read_text())
     assert doc["dry"] and doc["device"] == "cpu (dry)"
     assert set(doc["train"]) == {"plain", "looped", "run average"}
@@ -51,6 +51,7 @@ def test_gpu_bench_dry_mode(tmp_path):
     for key in ("steps_in_budget_8gpu", "sliding_seconds_8gpu", "ttt_seconds_8gpu"):
         assert math.isfinite(doc[key]) and doc[key] > 0
     assert "MFU" in proc.stdout
+    assert (tmp_path / "profile.txt").read_text().count("aten::mm") >= 2  # a table for plain and for looped
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
     python tests/bench/gpu_bench.py            # on one H100: about 5 minutes, most of it compiling
     python tests/bench/gpu_bench.py --dry      # CPU, tiny sizes, the same code path (the tests run this)
+    python tests/bench/gpu_bench.py --profile tests/bench/results/gpu_profile.txt   # + operator tables
 
 Measures, with the per-GPU batch of an 8-GPU run (786,432 / 8 = 98,304 tokens, 48 sequences of 2048,
 one micro-step) and the script's own choices (torch.compile, bf16 autocast, the attention backend):
@@ -12,7 +13,8 @@ one micro-step) and the script's own choices (torch.compile, bf16 autocast, the 
   token, against the GPU's dense bf16 peak (989.4 TFLOP/s for H100/H200 SXM);
 * steps in 600 s on 8 GPUs (each GPU runs this step; the gradient exchange is not measured here);
 * sliding-window (stride 64) and score-first TTT throughput on one GPU, extrapolated to the full
-  sp8192 validation set (40,540,160 tokens) on 8 GPUs;
+  sp8192 validation set (40,540,160 tokens) on 8 GPUs, and the seconds spent compiling their graphs
+  (measured apart; a run spends them once, inside its evaluation time);
 * peak GPU memory.
 Writes tests/bench/results/gpu_bench.json (or --out).
 """
