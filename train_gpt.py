@@ -1789,9 +1789,9 @@ def row_quantiles(a: torch.Tensor, qs) -> torch.Tensor:
     return torch.lerp(srt[:, lo].T, srt[:, hi].T, (pos - lo)[:, None])
 
 
-def row_scales(w: torch.Tensor, spec: QuantSpec, clip: str | None = None) -> torch.Tensor:
-    """fp16 scale per row by the clip method (`clip` overrides spec.clip)."""
-    clip = clip or spec.clip
+def row_scales(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """fp16 scale per row by the spec's clip method."""
+    clip = spec.clip
     w = w.float()
     if clip == "sdclip":
         return to_fp16_scale(spec.sigmas * w.std(dim=1) / spec.qmax)
