@@ -1157,12 +1157,7 @@ class GPT(nn.Module):
         for i, layer in enumerate(order):
             j = i - n_enc
             if 0 <= j < n_skip:
-                skip = self.skip_weights[j] * skips.pop()
-                if self.skip_gates is None:
-                    x = x + skip
-                else:
-                    g = torch.sigmoid(self.skip_gates[j])
-                    x = g * x + (1 - g) * skip
+                x = self.merge_skip(x, skips.pop(), j)
             if sources is not None:
                 x = self.route(x, sources, layer)
             ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
@@ -1175,6 +1170,16 @@ class GPT(nn.Module):
             if sources is not None and (i + 1) % self.args.attn_res_block_size == 0:
                 sources.append(x.detach())
         return rms_norm(x)
+
+    def merge_skip(self, x: torch.Tensor, skip: torch.Tensor, j: int) -> torch.Tensor:
+        """U-Net skip j into the decoder's stream: x + w * skip, or with the gate g = sigmoid(gate_j),
+        g * x + (1 - g) * w * skip, all per channel. The per-channel factor (1 - g) * w is formed first,
+        so that the backward sums two products over the tokens, not four: Inductor fused the four
+        with the RMS-norm backward into one kernel that took 3.8-5 ms per skip on an H200 or H100."""
+        if self.skip_gates is None:
+            return x + self.skip_weights[j] * skip
+        g = torch.sigmoid(self.skip_gates[j])
+        return g * x + ((1 - g) * self.skip_weights[j]) * skip
 
     def forward_logits(self, input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
         """(B, T - first, V) logits of positions first..T-1: a sliding window scores only its tail,

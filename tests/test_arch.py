@@ -155,6 +155,27 @@ def test_xsa_removes_the_own_value_component():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_skip_merge_is_the_spec_formula(gated):
+    """SPEC 2: x + w*skip, or x = g*x + (1-g)*(w*skip) with g = sigmoid(gate); merge_skip groups the
+    per-channel factors differently (for the GPU kernels), so values and gradients are compared."""
+    model = randomize(make({"SKIP_GATES": "1"} if gated else {})).double()
+    g = torch.Generator().manual_seed(3)
+    x, skip = (torch.randn(2, 5, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = model.skip_weights[1]
+    if gated:
+        gate = torch.sigmoid(model.skip_gates[1])
+        expected = gate * x + (1 - gate) * (w * skip)
+    else:
+        expected = x + w * skip
+    got = model.merge_skip(x, skip, 1)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    wanted = [x, skip] + [p for p in (model.skip_weights, model.skip_gates) if p is not None]
+    upstream = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, wanted, upstream), torch.autograd.grad(expected, wanted, upstream)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_recurrence_order_and_switch():
     model = make({"NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2"})
     assert model.layer_order(looping=False) == [0, 1, 2, 3]

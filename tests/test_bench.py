@@ -1,7 +1,7 @@
 """The benchmarks in tests/bench run end to end at tiny sizes, so none of them can rot: training
-throughput, equal-time quality, evaluation throughput and the GPU benchmark in its CPU dry mode.
-(The artifact benchmark's quick mode is run by test_quant.py.) Their numbers are not checked here:
-performance claims come from full runs, committed under tests/bench/results/."""
+throughput, equal-time quality, evaluation throughput, and the GPU benchmark and the skip-merge A/B
+in their CPU dry modes. (The artifact benchmark's quick mode is run by test_quant.py.) Their numbers
+are not checked here: performance claims come from full runs, committed under tests/bench/results/."""
 
 import json
 import math
@@ -52,6 +52,14 @@ def test_gpu_bench_dry_mode(tmp_path):
         assert math.isfinite(doc[key]) and doc[key] > 0
     assert "MFU" in proc.stdout
     assert (tmp_path / "profile.txt").read_text().count("aten::mm") >= 2  # a table for plain and for looped
+
+
+def test_skip_merge_bench_dry_mode(tmp_path):
+    out = tmp_path / "skip.json"
+    proc = run_bench("skip_merge_bench.py", "--dry", "--out", str(out))
+    doc = json.loads(out.read_text())
+    assert len(doc["results"]) == 2 and all(r["ms_per_step"] > 0 and r["top_kernels"] for r in doc["results"].values())
+    assert "ms/step" in proc.stdout
 
 
 @pytest.mark.slow
