@@ -28,6 +28,8 @@ from benchlib import Trainer, eval_throughput, hyperparameters, print_table, run
 
 VAL_TOKENS_SP8192 = 40_540_160
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}
+WORLD = 8  # the per-GPU batch and the extrapolations are those of an 8-GPU run
+FULL_SIZE = {"PRESET": "pr2005", "TRAIN_BATCH_TOKENS": 786432 // WORLD, "GRAD_ACCUM_STEPS": 1}
 DRY = dict(DEVICE="cpu", NUM_LAYERS=6, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, VOCAB_SIZE=64, TRAIN_SEQ_LEN=32,
            EVAL_SEQ_LEN=32, EVAL_STRIDE=8, TTT_CHUNK_TOKENS=256, TTT_BATCH_SEQS=4, TTT_EPOCHS=1, COMPILE=0)
 
@@ -72,8 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="tests/bench/results/gpu_bench.json")
     ap.add_argument("--profile", metavar="TXT", help="also profile 3 plain and 3 looped steps into this file")
     a = ap.parse_args(argv)
-    world = 8
-    env = {"PRESET": "pr2005", "TRAIN_BATCH_TOKENS": 786432 // world, "GRAD_ACCUM_STEPS": 1}
+    env = dict(FULL_SIZE)
     steps, eval_tokens, ttt_tokens = a.steps, a.eval_tokens, a.ttt_tokens
     if a.dry:
         env.update(DRY, TRAIN_BATCH_TOKENS=128)
@@ -104,12 +105,12 @@ def main(argv=None) -> int:
         rows.append([label, m, tps, f"{100 * mfu:.1f}%" if mfu else "-"])
     steps_600 = (600 - args.gptq_reserve_seconds) / (run_ms / 1000)
     ev = eval_throughput(trainer.raw, args, rt, eval_tokens, ttt_tokens)
-    sliding_s = VAL_TOKENS_SP8192 / (world * ev["sliding_tokens_per_s"])
-    ttt_s = VAL_TOKENS_SP8192 / (world * ev["ttt_tokens_per_s"])
+    sliding_s = VAL_TOKENS_SP8192 / (WORLD * ev["sliding_tokens_per_s"])
+    ttt_s = VAL_TOKENS_SP8192 / (WORLD * ev["ttt_tokens_per_s"])
     print(f"{name}, {rt.attn_backend}, compile {'on' if rt.compile else 'off'}, per-GPU batch {tokens} tokens")
     print_table(["training step", "ms/step", "tokens/s/GPU", "MFU"], rows)
-    print(f"steps in {600 - args.gptq_reserve_seconds:g} s on {world} GPUs (no communication): {steps_600:.0f}")
-    print_table(["evaluation", "tokens/s/GPU", f"s for the val set on {world} GPUs"],
+    print(f"steps in {600 - args.gptq_reserve_seconds:g} s on {WORLD} GPUs (no communication): {steps_600:.0f}")
+    print_table(["evaluation", "tokens/s/GPU", f"s for the val set on {WORLD} GPUs"],
                 [["sliding window", ev["sliding_tokens_per_s"], sliding_s], ["score-first TTT", ev["ttt_tokens_per_s"], ttt_s]])
     if "compile_seconds" in ev:
         print(f"compiling the scoring and TTT graphs (once per run, inside the evaluation time): "

@@ -18,9 +18,7 @@ import argparse
 import torch
 
 from benchlib import Trainer, hyperparameters, print_table, runtime, save, tg
-
-DRY = dict(DEVICE="cpu", NUM_LAYERS=6, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, VOCAB_SIZE=64, TRAIN_SEQ_LEN=32,
-           TRAIN_BATCH_TOKENS=128, COMPILE=0)
+from gpu_bench import DRY, FULL_SIZE
 
 
 def spec_grouping(self, x, skip, j):
@@ -47,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default="tests/bench/results/skip_merge_bench.json")
     a = ap.parse_args(argv)
-    env = {"PRESET": "pr2005", "TRAIN_BATCH_TOKENS": 786432 // 8, "GRAD_ACCUM_STEPS": 1, **(DRY if a.dry else {})}
+    env = {**FULL_SIZE, **(dict(DRY, TRAIN_BATCH_TOKENS=128) if a.dry else {})}
     steps = 2 if a.dry else a.steps
     current = tg.GPT.merge_skip
     rows, results = [], {}
