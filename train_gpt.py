@@ -24,11 +24,12 @@ CPU (the CPU path is first-class, for tests and the sample run), imports nothing
 level (FlashAttention is looked up when a run starts), and `import train_gpt` has no side effects.
 
 Sections, each using only those above it:
-    1. errors and small utilities      6. optimisers and schedules
-    2. hyperparameters and presets     7. evaluation: plain, sliding window, TTT
-    3. device and processes            8. quantisation and the artifact
-    4. data: shards, loader, bytes     9. logging and outputs
-    5. the model                       10. training, scoring, main()
+    1. errors and small utilities      7. optimisers, schedules, run-time switches
+    2. hyperparameters and presets     8. evaluation: plain, sliding window, TTT
+    3. device and processes            9. the artifact: GPTQ, serialisation, packing
+    4. data: shards, loader, bytes     10. logging and outputs
+    5. the quantisation grid           11. training, scoring, main()
+    6. the model and its parameter roles
 """
 
 import copy
@@ -37,11 +38,12 @@ import datetime
 import difflib
 import glob
 import hashlib
-import io
+import itertools
 import json
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import tempfile
@@ -50,7 +52,7 @@ import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -115,9 +117,16 @@ def atomic_write_text(path, text: str) -> None:
 # =================================================================================================
 
 
-def knob(default, help: str, *, lo=None, hi=None, choices=None):
+def knob(default, help: str, *, lo=None, hi=None, choices=None, shapes_model=False):
     """A hyperparameter field: default, one-line help, and the accepted range or choices."""
-    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices})
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "choices": choices,
+                                            "shapes_model": shapes_model})
+
+
+def arch(default, help: str, **limits):
+    """A knob that fixes the model's parameters or its forward: the artifact stores its value, and
+    EVAL_ONLY rebuilds the model from the stored value (a test finds any knob that should be one)."""
+    return knob(default, help, shapes_model=True, **limits)
 
 
 @dataclass
@@ -132,47 +141,47 @@ class Hyperparameters:
     # --- data
     data_path: str = knob("./data/datasets/fineweb10B_sp1024", "directory of fineweb_{train,val}_*.bin shards")
     tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of the shards")
-    vocab_size: int = knob(1024, "vocabulary size; must equal the tokenizer's", lo=2, hi=65536)
-    # --- model shape (SPEC section 2, reference shape)
-    num_layers: int = knob(11, "transformer blocks", lo=1, hi=64)
-    model_dim: int = knob(512, "residual width", lo=8)
-    num_heads: int = knob(8, "query heads", lo=1)
-    num_kv_heads: int = knob(4, "key/value heads (grouped-query attention)", lo=1)
-    mlp_mult: int = knob(4, "MLP hidden width = MLP_MULT * MODEL_DIM", lo=1, hi=16)
-    tie_embeddings: bool = knob(True, "output head = token embedding")
+    vocab_size: int = arch(1024, "vocabulary size; must equal the tokenizer's", lo=2, hi=65536)
+    # --- model shape (the records' reference shape: 11 x 512, 8 query and 4 key/value heads)
+    num_layers: int = arch(11, "transformer blocks", lo=1, hi=64)
+    model_dim: int = arch(512, "residual width", lo=8)
+    num_heads: int = arch(8, "query heads", lo=1)
+    num_kv_heads: int = arch(4, "key/value heads (grouped-query attention)", lo=1)
+    mlp_mult: int = arch(4, "MLP hidden width = MLP_MULT * MODEL_DIM", lo=1, hi=16)
+    tie_embeddings: bool = arch(True, "output head = token embedding")
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding", lo=0.0)
-    logit_softcap: float = knob(30.0, "logits = c*tanh(z/c); 0 = off", lo=0.0)
-    rope_base: float = knob(10000.0, "RoPE base (never rescaled with the sequence length)", lo=1.0)
+    logit_softcap: float = arch(30.0, "logits = c*tanh(z/c); 0 = off", lo=0.0)
+    rope_base: float = arch(10000.0, "RoPE base (never rescaled with the sequence length)", lo=1.0)
     qk_gain_init: float = knob(1.5, "initial per-head gain on q after QK-norm and RoPE", lo=0.0)
-    unet_skips: bool = knob(True, "first half of the layers feeds the second half, weighted per dim")
-    # --- architecture features (SPEC section 2), each off unless a preset turns it on
-    rope_dims: int = knob(0, "rotate only the first N dims of each head (partial RoPE); 0 = all", lo=0)
-    ln_scale: bool = knob(False, "scale each block's normalised inputs by 1/sqrt(i+1), i = virtual depth")
-    xsa_last_n: int = knob(0, "exclusive self-attention in the last N physical layers; 0 = off, "
+    unet_skips: bool = arch(True, "first half of the layers feeds the second half, weighted per dim")
+    # --- architecture features, each off unless a preset turns it on
+    rope_dims: int = arch(0, "rotate only the first N dims of each head (partial RoPE); 0 = all", lo=0)
+    ln_scale: bool = arch(False, "scale each block's normalised inputs by 1/sqrt(i+1), i = virtual depth")
+    xsa_last_n: int = arch(0, "exclusive self-attention in the last N physical layers; 0 = off, "
                            ">= NUM_LAYERS = all", lo=0)
-    gated_attn: str = knob("0", "sigmoid gate per head: 1 = from the block input, headwise = from the "
+    gated_attn: str = arch("0", "sigmoid gate per head: 1 = from the block input, headwise = from the "
                            "head's own output after XSA", choices=("0", "1", "headwise"))
-    value_residual: bool = knob(False, "layers after the first mix in layer 0's values: v = l0*v0 + l1*v")
-    ve_enabled: bool = knob(False, "value embeddings: a shared table added to v in VE_LAYERS")
-    ve_dim: int = knob(128, "width of the value-embedding table", lo=1)
-    ve_layers: str = knob("9,10", "physical layers that receive value embeddings (comma-separated)")
-    smear_gate: bool = knob(False, "mix each position's embedding with the previous one (never across BOS)")
-    bigram_vocab_size: int = knob(0, "BigramHash buckets (the last one reserved); 0 = off", lo=0)
-    bigram_dim: int = knob(128, "BigramHash embedding width", lo=1)
-    mlp_act: str = knob("relu2", "MLP activation: relu(z)^2 or leaky_relu(z, LEAKY_SLOPE)^2", choices=("relu2", "leaky2"))
-    leaky_slope: float = knob(0.5, "negative slope of leaky2", lo=0.0, hi=1.0)
-    skip_gates: bool = knob(False, "U-Net skips blend x = g*x + (1-g)*(w*skip), g = sigmoid(gate)")
-    num_loops: int = knob(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END", lo=0, hi=8)
-    loop_start: int = knob(3, "first physical layer of the recurrent span", lo=0)
-    loop_end: int = knob(5, "last physical layer of the recurrent span (inclusive)", lo=0)
+    value_residual: bool = arch(False, "layers after the first mix in layer 0's values: v = l0*v0 + l1*v")
+    ve_enabled: bool = arch(False, "value embeddings: a shared table added to v in VE_LAYERS")
+    ve_dim: int = arch(128, "width of the value-embedding table", lo=1)
+    ve_layers: str = arch("9,10", "physical layers that receive value embeddings (comma-separated)")
+    smear_gate: bool = arch(False, "mix each position's embedding with the previous one (never across BOS)")
+    bigram_vocab_size: int = arch(0, "BigramHash buckets (the last one reserved); 0 = off", lo=0)
+    bigram_dim: int = arch(128, "BigramHash embedding width", lo=1)
+    mlp_act: str = arch("relu2", "MLP activation: relu(z)^2 or leaky_relu(z, LEAKY_SLOPE)^2", choices=("relu2", "leaky2"))
+    leaky_slope: float = arch(0.5, "negative slope of leaky2", lo=0.0, hi=1.0)
+    skip_gates: bool = arch(False, "U-Net skips blend x = g*x + (1-g)*(w*skip), g = sigmoid(gate)")
+    num_loops: int = arch(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END", lo=0, hi=8)
+    loop_start: int = arch(3, "first physical layer of the recurrent span", lo=0)
+    loop_end: int = arch(5, "last physical layer of the recurrent span (inclusive)", lo=0)
     enable_looping_at: float = knob(0.35, "fraction of the training budget after which looping is on", lo=0.0, hi=1.0)
-    parallel_residual_start: int = knob(-1, "from this physical layer on, attention and MLP read the same "
+    parallel_residual_start: int = arch(-1, "from this physical layer on, attention and MLP read the same "
                                         "input; -1 = off", lo=-1)
-    attn_res: bool = knob(False, "block attention residuals: route each layer's input over detached "
+    attn_res: bool = arch(False, "block attention residuals: route each layer's input over detached "
                           "block-boundary states")
-    attn_res_block_size: int = knob(2, "layers per block of the attention-residual source bank", lo=1)
-    attn_res_mix: float = knob(0.25, "input = (1-mix)*x + mix*routed", lo=0.0, hi=1.0)
-    attn_res_temp: float = knob(1.1, "softmax temperature of the routing", lo=1e-3)
+    attn_res_block_size: int = arch(2, "layers per block of the attention-residual source bank", lo=1)
+    attn_res_mix: float = arch(0.25, "input = (1-mix)*x + mix*routed", lo=0.0, hi=1.0)
+    attn_res_temp: float = arch(1.1, "softmax temperature of the routing", lo=1e-3)
     ortho_init: bool = knob(False, "orthogonal init of block and projection matrices; output projections zero")
     # --- training length and batch
     iterations: int = knob(20000, "maximum optimizer steps", lo=1)
@@ -181,7 +190,7 @@ class Hyperparameters:
     train_seq_len: int = knob(2048, "training sequence length", lo=2)
     grad_accum_steps: int = knob(0, "micro-steps per step; 0 = 8 // WORLD_SIZE", lo=0)
     compile_warmup_steps: int = knob(20, "compile warm-up steps on random tokens, then undone", lo=0)
-    # --- optimisation (SPEC section 3)
+    # --- optimisation
     matrix_lr: float = knob(0.04, "Muon learning rate for block matrices", lo=0.0)
     scalar_lr: float = knob(0.04, "Adam learning rate for scales, gains, mixes", lo=0.0)
     tied_embed_lr: float = knob(0.05, "Adam learning rate for the tied embedding", lo=0.0)
@@ -215,7 +224,7 @@ class Hyperparameters:
     eval_batch_seqs: int = knob(32, "windows per forward on each rank", lo=1)
     eval_stride: int = knob(64, "sliding-window stride; 0 = no sliding-window stage", lo=0)
     eval_time_budget_seconds: float = knob(600.0, "warn when the evaluation stages take longer", lo=0.0)
-    ttt_enabled: bool = knob(False, "score-first test-time training stage (SPEC section 5)")
+    ttt_enabled: bool = knob(False, "score-first test-time training stage: score a chunk, then train on it")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: score it, then train on it", lo=1)
     ttt_epochs: int = knob(3, "passes over each chunk", lo=1)
     ttt_lr: float = knob(0.002, "TTT SGD learning rate at the first chunk (cosine decay over chunks)", lo=0.0)
@@ -225,7 +234,7 @@ class Hyperparameters:
     ttt_batch_seqs: int = knob(32, "TTT sequences (of EVAL_SEQ_LEN) per step, over all ranks", lo=1)
     val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", lo=0)
     train_log_every: int = knob(200, "log the training loss every N steps (and the first 10)", lo=1)
-    # --- artifact (SPEC section 4)
+    # --- artifact
     matrix_bits: int = knob(8, "bits per weight of attention and MLP matrices (6 = int6)", lo=2, hi=8)
     embed_bits: int = knob(8, "bits per weight of the embedding and an untied head", lo=2, hi=8)
     quant_clip: str = knob("quantile", "row scale: fixed quantile (baseline), percentile search, or SDClip",
@@ -277,13 +286,27 @@ class Hyperparameters:
             if key in env:
                 values[f.name], sources[f.name] = parse_knob(key, f, env[key]), "env"
         values["preset"] = preset
-        for key, f in knobs.items():
-            check_knob(key, f, values[f.name])
+        return cls.checked(values, sources, unknown_variable_warnings(env, knobs))
+
+    @classmethod
+    def checked(cls, values: dict, sources: dict, warnings: list) -> "Hyperparameters":
+        """Every value's type and range, then the checks between variables."""
+        for f in cls.knobs():
+            check_knob(f.name.upper(), f, values[f.name])
         hp = cls(**values)
-        hp.sources = sources
-        hp.warnings = unknown_variable_warnings(env, knobs)
+        hp.sources, hp.warnings = sources, warnings
         hp.validate()
         return hp
+
+    @classmethod
+    def architecture_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in cls.knobs() if f.metadata["shapes_model"])
+
+    def replace(self, source: str, **values) -> "Hyperparameters":
+        """A checked copy with some values changed (e.g. an artifact's architecture), each marked
+        with where it came from."""
+        sources = {**self.sources, **dict.fromkeys(values, source)}
+        return self.checked({**dataclasses.asdict(self), **values}, sources, self.warnings)
 
     def validate(self) -> None:
         """Checks between variables (the per-variable checks ran in from_env)."""
@@ -334,7 +357,8 @@ class Hyperparameters:
         return self.max_wallclock_seconds - self.gptq_reserve_seconds
 
     def dump(self) -> list[str]:
-        """Every effective value, sorted, with where it came from (trap 10: the log is the truth)."""
+        """Every effective value, sorted, with where it came from: the log, not a README, is the record of
+        what a run did (a public record's README stated a setting its run did not use)."""
         return [f"{f.name.upper()}={getattr(self, f.name)!r}  ({self.sources[f.name]})"
                 for f in sorted(self.knobs(), key=lambda f: f.name)]
 
@@ -396,7 +420,7 @@ FOREIGN_VARIABLES = {
 
 
 def unknown_variable_warnings(env: Mapping[str, str], knobs: Mapping) -> list[str]:
-    """A warning for every variable that looks like a misspelt knob (SPEC section 0)."""
+    """A warning for every variable that looks like a misspelt knob: a typo silently ignored costs a run."""
     warnings = []
     for key in sorted(env):
         if key in knobs or key in FOREIGN_VARIABLES:
@@ -411,16 +435,16 @@ def unknown_variable_warnings(env: Mapping[str, str], knobs: Mapping) -> list[st
 
 
 # Each preset is a set of defaults; variables not listed keep the field defaults above. The five
-# seed presets reproduce the systems of ../shared/seeds (SPEC section 7); records/<preset>/README.md
+# seed presets reproduce public records of the challenge; records/<preset>/README.md
 # gives each one's source, launch command, reported result and the choices made where its document
 # is silent (marked "choice" below).
 SP1024 = dict(data_path="./data/datasets/fineweb10B_sp1024", tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
               vocab_size=1024)
 SP8192 = dict(data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
               vocab_size=8192)
-# What the seed systems share (SPEC section 7: reference shape, 2048-token sequences, batch 786,432,
-# 600 s cap, partial RoPE 16, LN scale, sliding stride 64; SPEC 3: gradient clip 0.3, Muon momentum
-# 0.92 -> 0.99 over 1500 steps; SPEC 5: TTT momentum 0.9, clip 1.0). Choice: every seed preset ships
+# What the seed systems share (reference shape, 2048-token sequences, batch 786,432, 600 s cap,
+# partial RoPE 16, LN scale, sliding stride 64, gradient clip 0.3, Muon momentum 0.92 -> 0.99 over
+# 1500 steps, TTT momentum 0.9 and clip 1.0). Choice: every seed preset ships
 # the self-extracting copy of the script (counted code bytes ~46 KB instead of ~135 KB).
 SEED_COMMON = dict(
     num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, train_seq_len=2048, eval_seq_len=2048,
@@ -436,13 +460,13 @@ PRESETS: dict[str, dict] = {
         SEED_COMMON, **SP8192, mlp_mult=4, mlp_act="leaky2",
         num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, skip_gates=True,
         xsa_last_n=11, gated_attn="headwise",
-        qk_gain_init=5.25,  # choice: SPEC 2's value for the newest stacks; the seed names none
+        qk_gain_init=5.25,  # choice: the newest stacks' value; the seed names none
         matrix_lr=0.022, scalar_lr=0.02,  # choice: scalar lr as pr1658, the stack it extends
         muon_row_normalize=True, muon_wd=0.095, adam_wd=0.02, embed_wd=0.02, ema_decay=0.9965,
         warmdown_frac=0.72, min_lr=0.0,
         matrix_bits=6, embed_bits=7, quant_clip="sdclip", matrix_clip_sigmas=12.85, embed_clip_sigmas=15.0,
         gptq=True, gptq_reserve_seconds=10.0,  # choice: 10 s of the 600 for calibration on training data
-        compressor="brotli",  # SPEC 7: the seed names no compressor and only brotli-11 fits
+        compressor="brotli",  # the seed names no compressor and only brotli-11 fits
         ttt_chunk_tokens=32000, ttt_lr=0.005,
     ),
     # Seed 001, PR #1658, reported 1.0810.
@@ -455,7 +479,7 @@ PRESETS: dict[str, dict] = {
         adam_wd=0.02, embed_wd=0.02,  # choice: the seed says AdamW without a decay; pr2005's 0.02
         ema_decay=0.9965, warmdown_frac=0.72, min_lr=0.0,
         matrix_bits=6, embed_bits=8, quant_clip="sdclip", matrix_clip_sigmas=12.85,
-        # choice: SPEC's k=20 for the int8 embedding packs ~60 KB over the cap in SIZE_CHECK; k=24 (a step
+        # choice: k=20 for the int8 embedding packs ~60 KB over the cap in SIZE_CHECK; k=24 (a step
         # of 0.19 std, still finer than pr2005's int7 at k=15) and the byte shuffle fit with ~75 KB to spare
         embed_clip_sigmas=24.0, byte_shuffle=True,
         gptq=True, gptq_embed=False, gptq_reserve_seconds=10.0, compressor="brotli",
@@ -498,7 +522,7 @@ PRESETS: dict[str, dict] = {
         quant_clip="sdclip",
         ttt_lr=0.002, ttt_chunk_tokens=32000,
     ),
-    # The challenge's naive baseline (SPEC section 7): reported val_bpb 1.2244.
+    # The challenge's naive baseline: reported val_bpb 1.2244.
     "baseline": dict(
         SP1024, num_layers=9, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=2,
         train_seq_len=1024, eval_seq_len=1024, train_batch_tokens=524288, qk_gain_init=1.5,
@@ -577,6 +601,20 @@ class Runtime:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _no_log(msg: str = "", console: bool = True) -> None:
+    pass
+
+
+@dataclass
+class Context:
+    """What the stages of a run share: its configuration, its processes and device, and, once every
+    input is known to be good, its log and output directory."""
+    args: Hyperparameters
+    rt: Runtime
+    log: Callable[..., None] = _no_log
+    out_dir: Path | None = None
 
 
 CPU_RUNTIME_FOR_TESTS = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False,
@@ -658,11 +696,11 @@ def init_runtime(args: Hyperparameters, env: Mapping[str, str]) -> Runtime:
 
 # =================================================================================================
 # 4. DATA: SHARDS, THE TRAINING LOADER, BYTES PER TOKEN
-# A shard (SPEC 1.1) is a 256 x int32 header [magic, version, n_tokens, 0...] followed by n uint16
-# token ids. Every mismatch is an error naming the file and the field. The training loader (SPEC 1.4)
-# gives every rank the same stream and a disjoint slice of each span, so one process with 8
-# micro-steps sees exactly what 8 processes see in one. The byte tables (SPEC 1.3) turn token ids
-# into UTF-8 byte counts for val_bpb.
+# A shard is a 256 x int32 header [magic 20240520, version 1, n_tokens, 0...] followed by n uint16
+# token ids (the challenge's format). Every mismatch is an error naming the file and the field. The
+# training loader gives every rank the same stream and a disjoint slice of each span, so one
+# process with 8 micro-steps sees exactly what 8 processes see in one. The byte tables turn token
+# ids into UTF-8 byte counts for val_bpb.
 # =================================================================================================
 
 SHARD_MAGIC = 20240520
@@ -811,7 +849,8 @@ def load_tokenizer(path: str, vocab_size: int):
 
 
 def build_byte_tables(sp) -> ByteTables:
-    """SPEC 1.3. A tokenizer without '▁' as a piece of its own inflates val_bpb's denominator (#897)."""
+    """Bytes per token id, for val_bpb. A tokenizer without '▁' as a piece of its own inflates its
+    denominator (challenge issue #897)."""
     V = sp.vocab_size()
     base = np.zeros(V, dtype=np.int64)
     space = np.zeros(V, dtype=bool)
@@ -832,24 +871,120 @@ def build_byte_tables(sp) -> ByteTables:
     return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
-def load_validation(args: Hyperparameters) -> torch.Tensor:
+@dataclass
+class ValidationSet:
+    """The validation tokens (concatenated shards) and the byte tables that turn them into bytes."""
+    tokens: torch.Tensor  # (N,) int64
+    tables: ByteTables
+
+    def to(self, device) -> "ValidationSet":
+        return ValidationSet(self.tokens.to(device), self.tables.to(device))
+
+
+def load_validation(args: Hyperparameters) -> ValidationSet:
+    tables = build_byte_tables(load_tokenizer(args.tokenizer_path, args.vocab_size))
     files = find_shards(args.data_path, "val")
     tokens = np.concatenate([read_shard(f, args.vocab_size) for f in files])
     if len(tokens) < 2:
         raise DataError(f"validation shards in {args.data_path} hold {len(tokens)} tokens; need at least 2")
-    return torch.from_numpy(tokens.astype(np.int64))
+    return ValidationSet(torch.from_numpy(tokens.astype(np.int64)), tables)
 
 
 # =================================================================================================
-# 5. THE MODEL
-# The naive baseline's transformer (SPEC section 2): GQA attention with RoPE and QK-norm plus a
+# 5. THE QUANTISATION GRID
+# Large matrices are stored as integers with one fp16 scale per row. The scale comes from a fixed
+# high quantile of |w| (the baseline), a per-row search over quantiles for the lowest error
+# (GPTQ-lite), or SDClip (k * std(row) / qmax: a multiple of the row's spread, insensitive to single
+# outliers). Late QAT trains against exactly this grid, so it lives here, above the model; the
+# artifact (GPTQ, packing) is further down.
+# =================================================================================================
+
+
+QUANTILE_CLIP = 0.9999984  # the baseline's int8 clip
+PERCENTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one matrix is rounded: bits per weight, the rule for its per-row scales, SDClip's k."""
+    bits: int
+    clip: str  # quantile | percentile | sdclip
+    sigmas: float
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+
+def round_to_grid(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integers (as float) in [-qmax, qmax]; scale: (rows,) float32."""
+    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+
+
+def to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp_min(2.0 ** -24).to(torch.float16)  # a zero row must not divide by zero
+
+
+def row_quantiles(a: torch.Tensor, qs) -> torch.Tensor:
+    """(len(qs), rows): torch.quantile(a, qs, dim=1) with linear interpolation, without its size limit."""
+    srt = a.sort(dim=1).values
+    pos = torch.tensor(qs, dtype=a.dtype) * (a.size(1) - 1)  # as torch.quantile computes it
+    lo = pos.long()
+    hi = torch.clamp(lo + 1, max=a.size(1) - 1)
+    return torch.lerp(srt[:, lo].T, srt[:, hi].T, (pos - lo)[:, None])
+
+
+def row_scales(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """fp16 scale per row by the spec's clip method."""
+    clip = spec.clip
+    w = w.float()
+    if clip == "sdclip":
+        return to_fp16_scale(spec.sigmas * w.std(dim=1) / spec.qmax)
+    if clip == "quantile":
+        return to_fp16_scale(row_quantiles(w.abs(), [QUANTILE_CLIP])[0] / spec.qmax)
+    # percentile search (GPTQ-lite): per row, the candidate with the lowest squared error
+    candidates = row_quantiles(w.abs(), PERCENTILE_CANDIDATES)  # (P, rows)
+    best, best_err = None, None
+    for clip_p in candidates:
+        scale = to_fp16_scale(clip_p / spec.qmax)
+        err = ((round_to_grid(w, scale.float(), spec.qmax) * scale.float()[:, None] - w) ** 2).sum(dim=1)
+        if best is None:
+            best, best_err = scale, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+    return best
+
+
+def quantize_rows(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one rounding rule of late QAT and the artifact: (integers as float32, fp16 row scales)."""
+    scale = row_scales(w, spec)
+    return round_to_grid(w.float(), scale.float(), spec.qmax), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Straight-through fake quantisation: the forward sees the artifact's dequantised weights, the
+    backward passes the gradient to w unchanged."""
+    with torch.no_grad():
+        w_hat = dequantize_rows(*quantize_rows(w, spec)).to(w.dtype)
+    return w + (w_hat - w).detach()
+
+
+# =================================================================================================
+# 6. THE MODEL
+# The naive baseline's transformer: GQA attention with RoPE and QK-norm plus a
 # learnable per-head gain, weightless RMSNorm, per-dim residual scales, resid_mix with the
 # normalised input embedding x0, U-Net skips, tied embeddings and a tanh logit softcap. Every
 # feature of the seed systems is switchable (variables in section 2): partial RoPE, LN scale, XSA,
 # gated attention, value residual, value embeddings, SmearGate, BigramHash, leaky2 MLP, gated skips,
 # depth recurrence, parallel residuals, block attention residuals, OrthoInit. Weights stay float32;
 # matrix products run in bf16 under autocast. Every feature keeps the model causal, and nothing
-# crosses a BOS that would carry one document into the next.
+# crosses a BOS that would carry one document into the next. PARAMETER_ROLES at the end of the
+# section says, for every parameter, its optimiser group and how the artifact stores it.
 # =================================================================================================
 
 
@@ -859,7 +994,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """RoPE with half-split pairing over the first `dim` dims of a head. Frequencies use the rotated
-    width and a fixed base: nothing is rescaled with the sequence length (trap 6). No buffers."""
+    width and a fixed base: nothing is rescaled with the sequence length (a rotary length hard-coded
+    at 1024 silently rescaled the base at 2048 in several public records). No buffers."""
 
     def __init__(self, dim: int, base: float):
         super().__init__()
@@ -908,23 +1044,18 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class QATLinear(nn.Linear):
-    """A bias-free linear layer whose forward can use straight-through fake quantisation per row
-    (late QAT, SPEC 3): w + (q(w) - w).detach(). `qat_bits` is an instance attribute, which
-    torch.compile guards on: flipping it recompiles once. (A class attribute was constant-folded by
-    torch.compile and the switch never fired: trap 3.)"""
+    """A bias-free linear layer whose forward can train against the artifact's grid (late QAT):
+    with `qat` set to a QuantSpec it uses fake_quantize(weight). `qat` is an instance attribute,
+    which torch.compile guards on, so setting it recompiles once (into a graph the compile warm-up
+    made). A class attribute would be constant-folded by torch.compile and the switch would never
+    fire, as happened in a public record."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits, self.qat_sigmas = 0, 0.0
+        self.qat: QuantSpec | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.qat_bits:
-            qmax = 2 ** (self.qat_bits - 1) - 1
-            spread = self.qat_sigmas * w.std(dim=1) if self.qat_sigmas > 0 else w.abs().amax(dim=1)
-            scale = (spread / qmax).clamp_min(2.0 ** -24).detach()[:, None]
-            w = w + (torch.clamp(torch.round(w / scale), -qmax, qmax) * scale - w).detach()
-        return F.linear(x, w)
+        return F.linear(x, self.weight if self.qat is None else fake_quantize(self.weight, self.qat))
 
 
 class CausalSelfAttention(nn.Module):
@@ -1019,7 +1150,7 @@ class BigramHash(nn.Module):
         super().__init__()
         self.buckets = args.bigram_vocab_size
         self.table = nn.Embedding(self.buckets, args.bigram_dim)
-        self.proj = nn.Linear(args.bigram_dim, args.model_dim, bias=False)
+        self.proj = QATLinear(args.bigram_dim, args.model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -1057,7 +1188,7 @@ class GPT(nn.Module):
         if self.ve_layers:
             kv_dim = args.num_kv_heads * (d // args.num_heads)
             self.ve_table = nn.Embedding(args.vocab_size, args.ve_dim)
-            self.ve_proj = nn.Linear(args.ve_dim, kv_dim, bias=False)
+            self.ve_proj = QATLinear(args.ve_dim, kv_dim)
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.looping = False  # depth recurrence on (an instance attribute: torch.compile guards on it)
@@ -1083,13 +1214,14 @@ class GPT(nn.Module):
         span = list(range(a.loop_start, a.loop_end + 1))
         return list(range(a.loop_start)) + span * (1 + a.num_loops) + list(range(a.loop_end + 1, a.num_layers))
 
-    def set_qat(self, bits: int, sigmas: float, min_elements: int) -> int:
-        """Fake quantisation (bits; 0 = off) in every block matrix with more than min_elements
-        elements (those the artifact quantises). Returns how many matrices it affects."""
+    def set_qat(self, spec_for) -> int:
+        """Late QAT in every QATLinear whose weight the artifact quantises: spec_for(name, weight)
+        gives its QuantSpec or None; spec_for=None turns QAT off. Returns how many layers train quantised."""
         n = 0
-        for m in self.blocks.modules():
-            if isinstance(m, QATLinear) and m.weight.numel() > min_elements:
-                m.qat_bits, m.qat_sigmas, n = bits, sigmas, n + 1
+        for name, m in self.named_modules():
+            if isinstance(m, QATLinear):
+                m.qat = None if spec_for is None else spec_for(f"{name}.weight", m.weight)
+                n += m.qat is not None
         return n
 
     @torch.no_grad()
@@ -1202,24 +1334,74 @@ class GPT(nn.Module):
         return self.token_nll(input_ids, target_ids).mean()
 
 
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings",
-    "logit_softcap", "rope_base", "qk_gain_init", "unet_skips", "rope_dims", "ln_scale", "xsa_last_n", "gated_attn",
-    "value_residual", "ve_enabled", "ve_dim", "ve_layers", "smear_gate", "bigram_vocab_size", "bigram_dim",
-    "mlp_act", "leaky_slope", "skip_gates", "num_loops", "loop_start", "loop_end", "parallel_residual_start",
-    "attn_res", "attn_res_block_size", "attn_res_mix", "attn_res_temp")
+@dataclass(frozen=True)
+class ParamRole:
+    """What the optimiser and the artifact do with one parameter.
+
+    optimizer: "matrix" (Muon), "embed" (Adam at TIED_EMBED_LR or EMBED_LR, EMBED_WD),
+        "head" (Adam at HEAD_LR, EMBED_WD), "scalar" (Adam at SCALAR_LR, ADAM_WD).
+    storage: "matrix" / "embed": rounded per row with the MATRIX_ / EMBED_ settings when larger
+        than PASSTHROUGH_MAX_ELEMENTS (smaller ones are stored fp16); "fp16" / "fp32": stored as is.
+    hessian: whose inputs GPTQ calibrates it with: "own" (its own linear layer), "head" (the output
+        head's, when this weight is the head), or None (plain rounding: a lookup table)."""
+    optimizer: str
+    storage: str
+    hessian: str | None = None
+
+
+PASSTHROUGH_MAX_ELEMENTS = 65536
+_BLOCK = r"blocks\.\d+\."
+# Every parameter of every configuration matches exactly one pattern (fullmatch); a parameter added
+# without a role stops the run at once instead of landing in some default group.
+PARAMETER_ROLES: tuple[tuple[str, ParamRole], ...] = (
+    (r"tok_emb\.weight", ParamRole("embed", "embed", "head")),
+    (r"lm_head\.weight", ParamRole("head", "embed", "head")),
+    (_BLOCK + r"(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight", ParamRole("matrix", "matrix", "own")),
+    # Per-channel scales and mixes that set the residual stream's balance: full precision.
+    (_BLOCK + r"(attn_scale|mlp_scale|resid_mix|attn\.q_gain)", ParamRole("scalar", "fp32")),
+    ("skip_weights", ParamRole("scalar", "fp32")),
+    # Gates and small mixing weights: fp16 (a sigmoid's input needs no more).
+    ("skip_gates", ParamRole("scalar", "fp16")),
+    (_BLOCK + r"attn\.(gate_w|gate_b|vr_lambda)", ParamRole("scalar", "fp16")),
+    (r"smear\.gate", ParamRole("scalar", "fp16")),
+    ("attn_res_q", ParamRole("scalar", "fp16")),
+    # BigramHash and value embeddings: tables with the embedding's learning rate, rounded with the
+    # matrix settings; their projections and scales train with the scalars.
+    (r"bigram\.table\.weight|ve_table\.weight", ParamRole("embed", "matrix")),
+    (r"bigram\.proj\.weight|ve_proj\.weight", ParamRole("scalar", "matrix")),
+    (r"bigram\.scale|ve_scale|ve_layer_scales", ParamRole("scalar", "fp16")),
+)
+
+
+def parameter_role(name: str) -> ParamRole:
+    matches = [role for pattern, role in PARAMETER_ROLES if re.fullmatch(pattern, name)]
+    if len(matches) != 1:
+        raise RuntimeError(f"internal error: parameter {name} matches {len(matches)} entries of PARAMETER_ROLES; "
+                           "give it exactly one (its optimiser group and how the artifact stores it)")
+    return matches[0]
+
+
+def quant_spec_for(name: str, t: torch.Tensor, args: Hyperparameters) -> QuantSpec | None:
+    """How the artifact (and late QAT) rounds this tensor; None: it is stored as is."""
+    storage = parameter_role(name).storage
+    if storage in ("fp16", "fp32") or t.ndim != 2 or t.numel() <= PASSTHROUGH_MAX_ELEMENTS:
+        return None
+    if storage == "embed":
+        return QuantSpec(args.embed_bits, args.quant_clip, args.embed_clip_sigmas)
+    return QuantSpec(args.matrix_bits, args.quant_clip, args.matrix_clip_sigmas)
 
 
 def architecture_of(args: Hyperparameters) -> dict:
-    """The fields that fix the model's shape and forward; stored in the artifact."""
-    return {n: getattr(args, n) for n in ARCHITECTURE_FIELDS}
+    """The knobs that fix the model's parameters and forward (declared with arch()); stored in the artifact."""
+    return {n: getattr(args, n) for n in Hyperparameters.architecture_fields()}
 
 
 # =================================================================================================
-# 6. OPTIMISERS AND SCHEDULES
+# 7. OPTIMISERS, SCHEDULES, RUN-TIME SWITCHES
 # Muon (orthogonalised momentum) for the block matrices, Adam for embeddings and everything else
-# (SPEC section 3). Each trainable parameter is in exactly one group; build_optimizers proves it.
-# Schedules are pure functions of (step, elapsed seconds), tested against hand-computed values.
+# (the group of each parameter is its role, section 6). Schedules are pure functions of (step,
+# elapsed seconds), tested against hand-computed values. A run-time switch (depth recurrence, late
+# QAT) is one object: when it is due, what it sets on the model, whether the artifact keeps it.
 # =================================================================================================
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -1377,31 +1559,12 @@ class ParallelMuon(torch.optim.Optimizer):
                 p.add_(full[i].to(p.dtype), alpha=-group["lr"])
 
 
-MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
-                   "mlp.fc.weight", "mlp.proj.weight")
-EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight", "ve_table.weight")
-
-
 def parameter_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Name -> group: 'matrix' (Muon: the attention and MLP matrices of the blocks), 'embed' (the
-    token, bigram and value-embedding tables), 'head' (an untied output head), 'scalar' (everything
-    else: scales, gains, mixes, gates, lambdas, small projections)."""
+    """Optimiser group -> [(name, parameter)], each trainable parameter in the group its role names."""
     groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name in EMBEDDING_TABLES:
-            groups["embed"].append((name, p))
-        elif name == "lm_head.weight":
-            groups["head"].append((name, p))
-        elif name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES):
-            groups["matrix"].append((name, p))
-        else:
-            groups["scalar"].append((name, p))
-    seen = [id(p) for g in groups.values() for _, p in g]
-    trainable = [id(p) for p in model.parameters() if p.requires_grad]
-    if sorted(seen) != sorted(trainable) or len(set(seen)) != len(seen):
-        raise RuntimeError("internal error: a trainable parameter is in no optimizer group or in two")
+        if p.requires_grad:
+            groups[parameter_role(name).optimizer].append((name, p))
     return groups
 
 
@@ -1456,8 +1619,8 @@ class SWA:
 
 @torch.no_grad()
 def apply_final_weights(model: nn.Module, ema: EMA | None, swa: SWA | None) -> str:
-    """Copy the weights used after training into the model and say which they are (trap 4: SWA
-    collected but never applied). SWA wins when it has snapshots; its snapshots are of the EMA
+    """Copy the weights used after training into the model and say which they are (a public record
+    collected SWA but never applied it while its log claimed it had). SWA wins when it has snapshots; its snapshots are of the EMA
     weights when EMA is on."""
     if swa is not None and swa.count:
         source, label = swa.mean, f"SWA mean of {swa.count} {'EMA' if ema else 'raw'} snapshots"
@@ -1521,13 +1684,75 @@ def apply_schedule(optimizers, step: int, elapsed_s: float, args: Hyperparameter
     return mult
 
 
+class Switch:
+    """A feature that turns on once during training. Each is one piece: whether it is configured,
+    when it is due, what it sets on the model, and whether the evaluated model keeps it (the
+    artifact then records its state). The compile warm-up runs every combination of states, so that
+    turning one on never compiles inside the timed budget (as happened to challenge PR #1230)."""
+    name = ""
+    kept_after_training = False
+
+    def __init__(self, args: Hyperparameters):
+        self.args, self.on = args, False
+
+    def configured(self) -> bool:
+        raise NotImplementedError
+
+    def due(self, step: int, elapsed_s: float, lr_mult: float) -> bool:
+        raise NotImplementedError
+
+    def set(self, model: GPT, on: bool) -> str:
+        """Put the model in this state; returns what changed, for the log."""
+        self.on = on
+        return self._apply(model, on)
+
+    def _apply(self, model: GPT, on: bool) -> str:
+        raise NotImplementedError
+
+
+class DepthRecurrence(Switch):
+    """LOOP_START..LOOP_END run 1 + NUM_LOOPS times once ENABLE_LOOPING_AT of the budget is used."""
+    name, kept_after_training = "looping", True
+
+    def configured(self) -> bool:
+        return self.args.num_loops > 0
+
+    def due(self, step, elapsed_s, lr_mult) -> bool:
+        return budget_fraction(step, elapsed_s, self.args) >= self.args.enable_looping_at
+
+    def _apply(self, model, on) -> str:
+        model.looping = on
+        return f"virtual layers {model.layer_order()}"
+
+
+class LateQAT(Switch):
+    """Once the LR multiplier falls below LATE_QAT_THRESHOLD, every matrix the artifact rounds trains
+    against the artifact's own grid (straight-through); off again before the artifact is made."""
+    name = "late_qat"
+
+    def configured(self) -> bool:
+        return self.args.late_qat_threshold > 0
+
+    def due(self, step, elapsed_s, lr_mult) -> bool:
+        return lr_mult < self.args.late_qat_threshold
+
+    def _apply(self, model, on) -> str:
+        n = model.set_qat((lambda name, w: quant_spec_for(name, w, self.args)) if on else None)
+        return f"int{self.args.matrix_bits} fake quantisation in {n} matrices"
+
+
+def run_switches(args: Hyperparameters) -> list[Switch]:
+    """The configured switches, all off."""
+    return [s for s in (DepthRecurrence(args), LateQAT(args)) if s.configured()]
+
+
 # =================================================================================================
-# 7. EVALUATION: PLAIN, SLIDING WINDOW, SCORE-FIRST TTT
+# 8. EVALUATION: PLAIN, SLIDING WINDOW, SCORE-FIRST TTT
 # A window is (start, length, first scored position). Plain evaluation uses non-overlapping windows
 # of EVAL_SEQ_LEN, the shorter tail included; the sliding window starts a window every EVAL_STRIDE
 # targets and scores only the targets no earlier window scored, so each target is scored exactly
-# once (the tail too, trap 5) with at least EVAL_SEQ_LEN - EVAL_STRIDE tokens of context. NLL, token
-# and byte sums are float64 and all-reduced (SPEC 1.3). Score-first TTT (SPEC section 5) scores each
+# once (the tail too: a public record scored it about 31 times) with at least EVAL_SEQ_LEN -
+# EVAL_STRIDE tokens of context. NLL, token and byte sums are float64 and all-reduced. Score-first TTT scores each
 # chunk's windows under inference_mode with the current weights, then trains on that chunk; the last
 # chunk is never trained on, and no token is scored after an update that used it.
 # =================================================================================================
@@ -1599,24 +1824,24 @@ def window_batch(val_tokens: torch.Tensor, group: list, rows: int, length: int) 
 
 
 @torch.inference_mode()
-def window_sums(model: GPT, val_tokens, tables: ByteTables, windows: list, args, rt: "Runtime",
+def window_sums(model: GPT, val: ValidationSet, windows: list, ctx: Context,
                 progress: Progress | None = None) -> torch.Tensor:
     """Local float64 sums [nll, tokens, bytes] over the scored positions of `windows`, in batches of
-    EVAL_BATCH_SEQS. val_tokens and tables are on rt.device, and the loop never waits for the device
-    (masks, not boolean indexing). Only positions from a batch's first scored one on go through the
-    output head."""
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    EVAL_BATCH_SEQS. `val` is on the device, and the loop never waits for the device (masks, not
+    boolean indexing). Only positions from a batch's first scored one on go through the output head."""
+    rows = ctx.args.eval_batch_seqs
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.rt.device)
     length = max((w[1] for w in windows), default=0)
-    for i in range(0, len(windows), args.eval_batch_seqs):
-        group = windows[i:i + args.eval_batch_seqs]
-        x, y, scored = window_batch(val_tokens, group, args.eval_batch_seqs, length)
+    for i in range(0, len(windows), rows):
+        group = windows[i:i + rows]
+        x, y, scored = window_batch(val.tokens, group, rows, length)
         first = min(w[2] for w in group)
-        with rt.autocast():
+        with ctx.rt.autocast():
             nll = model.token_nll(x, y, first)
         scored = scored[:, first:]
         sums[0] += torch.where(scored, nll.double(), 0.0).sum()
         sums[1] += scored.sum()
-        sums[2] += (tables.count(x[:, first:], y[:, first:]) * scored).sum()
+        sums[2] += (val.tables.count(x[:, first:], y[:, first:]) * scored).sum()
         if progress:
             progress.update(i + len(group))
     return sums
@@ -1631,16 +1856,16 @@ def compile_for_scoring(model: GPT, rt: "Runtime") -> GPT:
     return model
 
 
-def evaluate(model: GPT, val_tokens: torch.Tensor, tables: ByteTables, args: Hyperparameters, rt: "Runtime",
-             log=None, label: str = "eval", stride: int = 0) -> EvalResult:
+def evaluate(model: GPT, val: ValidationSet, ctx: Context, label: str = "eval", stride: int = 0) -> EvalResult:
     """Score every validation target once: non-overlapping windows (stride 0) or a sliding window."""
+    rt = ctx.rt
     rt.sync()
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    mine = rank_slice(eval_windows(len(val_tokens) - 1, args.eval_seq_len, stride), rt)
-    progress = Progress(log if rt.master else None, label, len(mine))
-    sums = rt.all_reduce(window_sums(model, val_tokens.to(rt.device), tables.to(rt.device), mine, args, rt, progress))
+    mine = rank_slice(eval_windows(len(val.tokens) - 1, ctx.args.eval_seq_len, stride), rt)
+    progress = Progress(ctx.log if rt.master else None, label, len(mine))
+    sums = rt.all_reduce(window_sums(model, val.to(rt.device), mine, ctx, progress))
     model.train(was_training)
     rt.sync()
     return EvalResult(sums[0].item(), int(sums[1].item()), int(sums[2].item()), time.perf_counter() - t0)
@@ -1651,11 +1876,11 @@ def ttt_lr_at(chunk: int, n_train_chunks: int, args: Hyperparameters) -> float:
     return args.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_train_chunks, 1)))
 
 
-def ttt_train_chunk(model: GPT, optimizer, params: list, val_tokens, lo: int, hi: int,
-                    args: Hyperparameters, rt: "Runtime") -> None:
+def ttt_train_chunk(model: GPT, optimizer, params: list, tokens: torch.Tensor, lo: int, hi: int, ctx: Context) -> None:
     """TTT_EPOCHS passes of SGD over targets lo..hi-1 (already scored). Every global batch of
     TTT_BATCH_SEQS sequences is split across ranks and the gradients are summed, so all ranks keep
     identical weights and the result does not depend on the number of processes."""
+    args, rt = ctx.args, ctx.rt
     seqs = [(lo + s, n, 0) for s, n, _ in eval_windows(hi - lo, args.eval_seq_len)]
     # Every rank's batch has one shape in every chunk (a full chunk's share; padding is never scored).
     full_chunk = -(-args.ttt_chunk_tokens // args.eval_seq_len)
@@ -1667,7 +1892,7 @@ def ttt_train_chunk(model: GPT, optimizer, params: list, val_tokens, lo: int, hi
             n_targets = sum(w[1] for w in group)
             mine = rank_slice(group, rt)
             if mine:
-                x, y, scored = window_batch(val_tokens, mine, max(rows, len(mine)), args.eval_seq_len)
+                x, y, scored = window_batch(tokens, mine, max(rows, len(mine)), args.eval_seq_len)
                 with rt.autocast():
                     loss = torch.where(scored, model.token_nll(x, y), 0.0).sum() / n_targets
                 loss.backward()
@@ -1685,14 +1910,15 @@ def ttt_train_chunk(model: GPT, optimizer, params: list, val_tokens, lo: int, hi
     model.eval()
 
 
-def evaluate_ttt(model: GPT, val_tokens: torch.Tensor, tables: ByteTables, args: Hyperparameters,
-                 rt: "Runtime", log=None, chunks_path: Path | None = None) -> tuple[EvalResult, list[dict]]:
+def evaluate_ttt(model: GPT, val: ValidationSet, ctx: Context,
+                 chunks_path: Path | None = None) -> tuple[EvalResult, list[dict]]:
     """Score-first TTT over chunks of TTT_CHUNK_TOKENS targets, with sliding-window scoring (EVAL_STRIDE).
     `model` is trained in place (score_artifact runs this stage last). Returns the total and one
     record per chunk."""
+    args, rt = ctx.args, ctx.rt
     rt.sync()
     t_start = time.perf_counter()
-    n_targets = len(val_tokens) - 1
+    n_targets = len(val.tokens) - 1
     C = args.ttt_chunk_tokens
     n_chunks = -(-n_targets // C)
     by_chunk = [[] for _ in range(n_chunks)]
@@ -1702,18 +1928,18 @@ def evaluate_ttt(model: GPT, val_tokens: torch.Tensor, tables: ByteTables, args:
         block.requires_grad_(i >= args.ttt_freeze_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    val_tokens, tables = val_tokens.to(rt.device), tables.to(rt.device)
+    val = val.to(rt.device)
     total = torch.zeros(3, dtype=torch.float64, device=rt.device)
     records = []
     model.eval()
-    progress = Progress(log if rt.master else None, "ttt", n_chunks)
+    progress = Progress(ctx.log if rt.master else None, "ttt", n_chunks)
     for c in range(n_chunks):
         t0 = time.perf_counter()
-        sums = rt.all_reduce(window_sums(model, val_tokens, tables, rank_slice(by_chunk[c], rt), args, rt))
+        sums = rt.all_reduce(window_sums(model, val, rank_slice(by_chunk[c], rt), ctx))
         if c < n_chunks - 1:  # the last chunk is never trained on
             for group in optimizer.param_groups:
                 group["lr"] = ttt_lr_at(c, n_chunks - 1, args)
-            ttt_train_chunk(model, optimizer, params, val_tokens, c * C, min((c + 1) * C, n_targets), args, rt)
+            ttt_train_chunk(model, optimizer, params, val.tokens, c * C, min((c + 1) * C, n_targets), ctx)
         rt.sync()
         total += sums
         nll, tokens, nbytes = sums[0].item(), int(sums[1].item()), int(sums[2].item())
@@ -1730,90 +1956,23 @@ def evaluate_ttt(model: GPT, val_tokens: torch.Tensor, tables: ByteTables, args:
 
 
 # =================================================================================================
-# 8. QUANTISATION AND THE ARTIFACT
-# Large matrices are quantised per row to MATRIX_BITS (attention and MLP) or EMBED_BITS (embedding,
-# untied head) with an fp16 scale per row; the scale comes from a fixed high quantile (the
-# baseline), a per-row search over quantiles (GPTQ-lite) or SDClip (k * std(row) / qmax). With
-# GPTQ=1 the rounding is full-Hessian GPTQ: columns in act-order, blocks of 128, each column's error
-# spread over the columns not yet quantised, the scales fixed before the sweep. Tensors with at most
-# 65,536 elements pass through in fp16 (control tensors in fp32). The artifact is a header (magic,
-# version, compressor, flags, length, CRC32) and the compressed serialisation: a JSON index, then
-# every tensor's raw bytes (optionally byte-shuffled). Loading gives exactly the dequantised weights
-# that were packed; every score is computed on what was read back from disk.
+# 9. THE ARTIFACT: GPTQ, SERIALISATION, PACKING
+# Each tensor is stored as its parameter role says (section 6's PARAMETER_ROLES): large matrices as
+# integers on the grid of section 5, the rest fp16 or fp32. With GPTQ=1 the integers come from
+# full-Hessian GPTQ: columns in act-order, blocks of 128, each column's error spread over the columns
+# not yet quantised, the scales fixed before the sweep. The artifact is a header (magic, version,
+# compressor, flags, length, CRC32) and the compressed serialisation: a JSON index, then every
+# tensor's raw bytes (optionally byte-shuffled). Loading gives exactly the dequantised weights that
+# were packed; every score is computed on what was read back from disk.
 # =================================================================================================
 
-PASSTHROUGH_MAX_ELEMENTS = 65536
-QUANTILE_CLIP = 0.9999984  # the baseline's int8 clip
-PERCENTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 GPTQ_BLOCK = 128
-GPTQ_DAMPS = (0.01, 0.1, 1.0)  # SPEC 4's damping, then ten and a hundred times it before giving up on a matrix
-CONTROL_TENSOR_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
-EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight")
+GPTQ_DAMPS = (0.01, 0.1, 1.0)  # 1% of the mean diagonal, then ten and a hundred times it before giving up on a matrix
 ARTIFACT_MAGIC = b"PGLF"
-ARTIFACT_VERSION = 2
+ARTIFACT_VERSION = 3  # 3: the model's meta holds its architecture and the kept switches' states
 COMPRESSORS = ("zlib", "zstd", "brotli", "lzma")
 ARTIFACT_HEADER = struct.Struct("<4sBBBQI")  # magic, version, compressor, flags, payload bytes, crc32
 FLAG_BYTE_SHUFFLE = 1
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    clip: str  # quantile | percentile | sdclip
-    sigmas: float  # SDClip's k
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-
-def quant_spec_for(name: str, t: torch.Tensor, args: Hyperparameters) -> QuantSpec | None:
-    """None: the tensor passes through unquantised."""
-    if not t.is_floating_point() or t.ndim != 2 or t.numel() <= PASSTHROUGH_MAX_ELEMENTS:
-        return None
-    if name in EMBEDDING_NAMES:
-        return QuantSpec(args.embed_bits, args.quant_clip, args.embed_clip_sigmas)
-    return QuantSpec(args.matrix_bits, args.quant_clip, args.matrix_clip_sigmas)
-
-
-def round_to_grid(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integers (as float) in [-qmax, qmax]; scale: (rows,) float32."""
-    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-
-
-def to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    return scale.clamp_min(2.0 ** -24).to(torch.float16)  # a zero row must not divide by zero
-
-
-def row_quantiles(a: torch.Tensor, qs) -> torch.Tensor:
-    """(len(qs), rows): torch.quantile(a, qs, dim=1) with linear interpolation, without its size limit."""
-    srt = a.sort(dim=1).values
-    pos = torch.tensor(qs, dtype=a.dtype) * (a.size(1) - 1)  # as torch.quantile computes it
-    lo = pos.long()
-    hi = torch.clamp(lo + 1, max=a.size(1) - 1)
-    return torch.lerp(srt[:, lo].T, srt[:, hi].T, (pos - lo)[:, None])
-
-
-def row_scales(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """fp16 scale per row by the spec's clip method."""
-    clip = spec.clip
-    w = w.float()
-    if clip == "sdclip":
-        return to_fp16_scale(spec.sigmas * w.std(dim=1) / spec.qmax)
-    if clip == "quantile":
-        return to_fp16_scale(row_quantiles(w.abs(), [QUANTILE_CLIP])[0] / spec.qmax)
-    # percentile search (GPTQ-lite): per row, the candidate with the lowest squared error
-    candidates = row_quantiles(w.abs(), PERCENTILE_CANDIDATES)  # (P, rows)
-    best, best_err = None, None
-    for clip_p in candidates:
-        scale = to_fp16_scale(clip_p / spec.qmax)
-        err = ((round_to_grid(w, scale.float(), spec.qmax) * scale.float()[:, None] - w) ** 2).sum(dim=1)
-        if best is None:
-            best, best_err = scale, err
-        else:
-            better = err < best_err
-            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
-    return best
 
 
 @contextmanager
@@ -1871,25 +2030,23 @@ def gptq_round(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int)
 
 def quantize_state_dict(state: dict[str, torch.Tensor], args: Hyperparameters,
                         hessians: dict[str, torch.Tensor] | None = None, log=None) -> dict:
-    """The quantised form that is serialised into the artifact."""
+    """The quantised form that is serialised into the artifact: each tensor as its role says."""
     out = {"q": {}, "scale": {}, "passthrough": {}, "dtype": {}}
     for name, t in state.items():
         t = t.detach().cpu()
         out["dtype"][name] = str(t.dtype).removeprefix("torch.")
         spec = quant_spec_for(name, t, args)
         if spec is None:
-            keep_fp32 = not t.is_floating_point() or any(p in name for p in CONTROL_TENSOR_PATTERNS)
-            out["passthrough"][name] = t if keep_fp32 else t.half()
+            out["passthrough"][name] = t if parameter_role(name).storage == "fp32" else t.half()
             continue
-        scale = row_scales(t, spec)
-        q = None
-        if hessians is not None and name in hessians and (args.gptq_embed or name not in EMBEDDING_NAMES):
-            H = hessians[name]
+        q, scale = quantize_rows(t, spec)
+        H = hessians.get(name) if hessians is not None else None
+        if H is not None and (args.gptq_embed or parameter_role(name).storage != "embed"):
             result = gptq_round(t.to(H.device), H, scale.float().to(H.device), spec.qmax)
             if result is None:
-                # SPEC 4 falls back to the clip search; deviation: to plain rounding with QUANT_CLIP's
-                # own rule, because the percentile search spreads the integers over more values and
-                # packs ~1.5 bits per weight larger than the SDClip that SIZE_CHECK vouches for.
+                # Plain rounding with QUANT_CLIP's own rule, not a clip search: the search spreads the
+                # integers over more values and packs ~1.5 bits per weight larger than the SDClip that
+                # SIZE_CHECK vouches for.
                 if log:
                     log(f"gptq: Cholesky failed for {name} at every damping in {GPTQ_DAMPS}; "
                         f"plain rounding with {spec.clip} clips")
@@ -1897,8 +2054,6 @@ def quantize_state_dict(state: dict[str, torch.Tensor], args: Hyperparameters,
                 q, damp = result[0].cpu(), result[1]
                 if damp != GPTQ_DAMPS[0] and log:
                     log(f"gptq: {name} needed damping {damp} (Cholesky failed at less)")
-        if q is None:
-            q = round_to_grid(t.float(), scale.float(), spec.qmax)
         out["q"][name], out["scale"][name] = q.to(torch.int8), scale
     return out
 
@@ -1908,9 +2063,15 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor
     """H = mean x x^T of the inputs of every quantised matrix, summed over ranks. The tied embedding
     gets the output head's inputs (it is the head). A module run several times per forward (depth
     recurrence) accumulates every pass into the same H."""
-    targets = {f"{name}.weight": m for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.startswith("blocks.")}
-    targets["tok_emb.weight" if model.lm_head is None else "lm_head.weight"] = model.head_input
+    modules = dict(model.named_modules())
+    head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+    targets = {}
+    for name, _ in model.named_parameters():
+        source = parameter_role(name).hessian
+        if source == "own":
+            targets[name] = modules[name.removesuffix(".weight")]
+        elif source == "head" and name == head:
+            targets[name] = model.head_input
     sums, counts, hooks = {}, {}, []
 
     def hook_for(name):
@@ -1940,8 +2101,9 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor
     return out
 
 
-def training_calibration_batches(loader: "DistributedTokenLoader", args: Hyperparameters, rt: Runtime, local: int):
+def training_calibration_batches(loader: "DistributedTokenLoader", ctx: Context, local: int):
     """GPTQ_CALIB_SEQS training sequences over all ranks, in micro-batches of the training shape."""
+    args, rt = ctx.args, ctx.rt
     per_batch = max(1, local // args.train_seq_len)
     remaining = -(-args.gptq_calib_seqs // rt.world_size)
     while remaining > 0:
@@ -1951,9 +2113,10 @@ def training_calibration_batches(loader: "DistributedTokenLoader", args: Hyperpa
 
 
 @torch.no_grad()
-def selfgen_calibration_batches(model: GPT, args: Hyperparameters, rt: Runtime, batch: int = 16):
+def selfgen_calibration_batches(model: GPT, ctx: Context, batch: int = 16):
     """Sequences sampled from the trained model itself (temperature 0.8, from BOS): calibration
     that uses no training data, so it needs no share of the training budget."""
+    args, rt = ctx.args, ctx.rt
     gen = torch.Generator(device=rt.device).manual_seed(args.seed + 2 + rt.rank)
     remaining = -(-args.gptq_calib_seqs // rt.world_size)
     model.eval()
@@ -1971,14 +2134,14 @@ def dequantize_state_dict(qstate: dict) -> dict[str, torch.Tensor]:
     state = {}
     for name, dtype in qstate["dtype"].items():
         if name in qstate["q"]:
-            t = qstate["q"][name].float() * qstate["scale"][name].float()[:, None]
+            t = dequantize_rows(qstate["q"][name], qstate["scale"][name])
         else:
             t = qstate["passthrough"][name]
         state[name] = t.to(getattr(torch, dtype))
     return state
 
 
-def serialize(qstate: dict, arch: dict) -> bytes:
+def serialize(qstate: dict, meta: dict) -> bytes:
     """A JSON index, then raw tensor bytes grouped by kind (int8 values, scales, passthrough), which
     compresses better than a pickle and needs no unpickling to read."""
     index, parts = [], []
@@ -1986,8 +2149,8 @@ def serialize(qstate: dict, arch: dict) -> bytes:
         for name, t in qstate[section].items():
             index.append([section, name, str(t.dtype).removeprefix("torch."), list(t.shape)])
             parts.append(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    meta = json.dumps({"arch": arch, "dtype": qstate["dtype"], "tensors": index}, separators=(",", ":")).encode()
-    return struct.pack("<I", len(meta)) + meta + b"".join(parts)
+    head = json.dumps({"model": meta, "dtype": qstate["dtype"], "tensors": index}, separators=(",", ":")).encode()
+    return struct.pack("<I", len(head)) + head + b"".join(parts)
 
 
 def deserialize(data: bytes) -> tuple[dict, dict]:
@@ -2006,7 +2169,7 @@ def deserialize(data: bytes) -> tuple[dict, dict]:
         offset += nbytes
     if offset != len(data):
         raise ValueError(f"{len(data) - offset} trailing bytes after the last tensor")
-    return meta["arch"], qstate
+    return meta["model"], qstate
 
 
 def byte_shuffle(data: bytes) -> bytes:
@@ -2053,8 +2216,9 @@ def decompress(data: bytes, name: str) -> bytes:
     return lzma.decompress(data)
 
 
-def pack_artifact(qstate: dict, arch: dict, compressor: str, level: int, shuffle: bool = False) -> bytes:
-    raw = serialize(qstate, arch)
+def pack_artifact(qstate: dict, meta: dict, compressor: str, level: int, shuffle: bool = False) -> bytes:
+    """meta: what the model needs besides its weights (artifact_meta: architecture, switch states)."""
+    raw = serialize(qstate, meta)
     payload = compress(byte_shuffle(raw) if shuffle else raw, compressor, level)
     header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSORS.index(compressor),
                                   FLAG_BYTE_SHUFFLE if shuffle else 0, len(payload), zlib.crc32(payload))
@@ -2062,7 +2226,7 @@ def pack_artifact(qstate: dict, arch: dict, compressor: str, level: int, shuffle
 
 
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
-    """-> (arch, quantised weights). Every failure is one ArtifactError line naming the file."""
+    """-> (meta, quantised weights). Every failure is one ArtifactError line naming the file."""
     if len(blob) < 5 or blob[:4] != ARTIFACT_MAGIC:
         raise ArtifactError(f"{source} is not a train_gpt.py artifact (bad magic)")
     if blob[4] != ARTIFACT_VERSION:
@@ -2085,13 +2249,13 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
 
 
 def read_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """-> (arch, dequantised state dict)."""
+    """-> (meta, dequantised state dict)."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
         raise ArtifactError(f"artifact {path} (ARTIFACT) cannot be read: {e.strerror}") from None
-    arch, qstate = unpack_artifact(blob, source=f"artifact {path}")
-    return arch, dequantize_state_dict(qstate)
+    meta, qstate = unpack_artifact(blob, source=f"artifact {path}")
+    return meta, dequantize_state_dict(qstate)
 
 
 def script_source() -> str:
@@ -2116,10 +2280,10 @@ def shipped_code(args: Hyperparameters) -> bytes:
 
 
 # =================================================================================================
-# 9. LOGGING AND OUTPUTS
+# 10. LOGGING AND OUTPUTS
 # Rank 0 writes OUT_DIR/train.log (config dump, versions, device, the script's hash and source, then
 # key:value lines), model.ptz and submission.json; the console gets the same lines without the
-# source. Log line formats follow the community's parsers (SPEC section 6).
+# source. Log line formats follow the community's parsers.
 # =================================================================================================
 
 
@@ -2142,7 +2306,8 @@ class RunLog:
             self.file.close()
 
 
-def prepare_out_dir(args: Hyperparameters, rt: Runtime) -> Path:
+def prepare_out_dir(ctx: Context) -> Path:
+    args, rt = ctx.args, ctx.rt
     run_id = args.run_id or rt.broadcast_object(
         datetime.datetime.now().strftime("%Y%m%d_%H%M%S") + f"_{args.preset}" if rt.master else None)
     out = Path(args.out_dir or os.path.join("runs", run_id))
@@ -2155,7 +2320,8 @@ def prepare_out_dir(args: Hyperparameters, rt: Runtime) -> Path:
     return out
 
 
-def log_header(log: RunLog, args: Hyperparameters, rt: Runtime) -> None:
+def log_header(ctx: Context) -> None:
+    args, rt, log = ctx.args, ctx.rt, ctx.log
     source = script_source()
     log("hyperparameters:")
     for line in args.dump():
@@ -2186,14 +2352,14 @@ def summary_table(rows: list[tuple[str, str]]) -> list[str]:
 
 
 # =================================================================================================
-# 10. TRAINING, SCORING, MAIN
+# 11. TRAINING, SCORING, MAIN
 # The training loop keeps the global batch fixed (gradient accumulation), stops on ITERATIONS or on
 # the wall-clock cap with a decision all ranks share, and excludes validation and compile warm-up
 # from the training time. Warm-up runs on random tokens and is undone (weights, optimizer state and
 # data order untouched). After training: quantise, pack, write, read back, score.
 # =================================================================================================
 
-CAP_BYTES = 16_000_000  # decimal, not MiB (trap 7)
+CAP_BYTES = 16_000_000  # decimal: a size converted with 1024*1024 (MiB) once broke the cap in a public record
 
 
 @dataclass
@@ -2205,27 +2371,29 @@ class TrainResult:
     hessians: dict | None = None
 
 
-def batch_split(args: Hyperparameters, rt: Runtime) -> tuple[int, int]:
+def batch_split(ctx: Context) -> tuple[int, int]:
     """-> (grad_accum_steps, tokens per rank per micro-step), with the checks that need the world size."""
+    args, world = ctx.args, ctx.rt.world_size
     if args.grad_accum_steps:
         accum = args.grad_accum_steps
-    elif 8 % rt.world_size == 0:
-        accum = 8 // rt.world_size
+    elif 8 % world == 0:
+        accum = 8 // world
     else:
-        raise ConfigError(f"WORLD_SIZE={rt.world_size} does not divide 8: set GRAD_ACCUM_STEPS explicitly")
-    local, rem = divmod(args.train_batch_tokens, rt.world_size * accum)
+        raise ConfigError(f"WORLD_SIZE={world} does not divide 8: set GRAD_ACCUM_STEPS explicitly")
+    local, rem = divmod(args.train_batch_tokens, world * accum)
     if rem or local % args.train_seq_len:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into {rt.world_size} ranks x "
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must split into {world} ranks x "
                           f"{accum} micro-steps x whole sequences of TRAIN_SEQ_LEN={args.train_seq_len}")
     return accum, local
 
 
-def sync_banked_gradients(optimizers, banked: "ParallelMuon", args: Hyperparameters, rt: Runtime) -> None:
+def sync_banked_gradients(optimizers, banked: "ParallelMuon", ctx: Context) -> None:
     """PARALLEL_MUON without DDP: average the small parameters' gradients with one all-reduce,
-    reduce-scatter the banks, clip by the global norm of the averaged gradients (trap 9), step."""
+    reduce-scatter the banks, clip by the global norm of the averaged gradients (clipping per-rank
+    gradients, as one public record did, clips by the wrong norm), step."""
     small = [p for opt in optimizers if opt is not banked for g in opt.param_groups for p in g["params"]]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in small]
-    if rt.distributed and grads:
+    if ctx.rt.distributed and grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.AVG)
         grads = list(torch.split(flat, [p.numel() for p in small]))
@@ -2233,9 +2401,9 @@ def sync_banked_gradients(optimizers, banked: "ParallelMuon", args: Hyperparamet
         p.grad = g.view_as(p)
     bank_sq = banked.reduce_gradients()
     scale = 1.0
-    if args.grad_clip_norm > 0:
-        total_sq = rt.all_reduce(bank_sq.clone()) + sum(g.float().square().sum() for g in grads)
-        scale = torch.clamp(args.grad_clip_norm / (total_sq.sqrt() + 1e-6), max=1.0)  # a tensor: no host sync
+    if ctx.args.grad_clip_norm > 0:
+        total_sq = ctx.rt.all_reduce(bank_sq.clone()) + sum(g.float().square().sum() for g in grads)
+        scale = torch.clamp(ctx.args.grad_clip_norm / (total_sq.sqrt() + 1e-6), max=1.0)  # a tensor: no host sync
         for p in small:
             p.grad.mul_(scale)
     for opt in optimizers:
@@ -2245,22 +2413,22 @@ def sync_banked_gradients(optimizers, banked: "ParallelMuon", args: Hyperparamet
             opt.step()
 
 
-def training_step(model, optimizers, batches, args: Hyperparameters, rt: Runtime, accum: int) -> torch.Tensor:
+def training_step(model, optimizers, batches, ctx: Context, accum: int) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; returns the mean loss (a device tensor)."""
-    total = torch.zeros((), device=rt.device)
+    total = torch.zeros((), device=ctx.rt.device)
     for micro, (x, y) in enumerate(batches):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.require_backward_grad_sync = micro == accum - 1
-        with rt.autocast():
+        with ctx.rt.autocast():
             loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach()
     banked = next((opt for opt in optimizers if isinstance(opt, ParallelMuon)), None)
     if banked is not None:
-        sync_banked_gradients(optimizers, banked, args, rt)
-    elif args.grad_clip_norm > 0:  # DDP has averaged the gradients by now (trap 9)
+        sync_banked_gradients(optimizers, banked, ctx)
+    elif ctx.args.grad_clip_norm > 0:  # DDP has averaged the gradients by now
         params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(params, ctx.args.grad_clip_norm)
     if banked is None:
         for opt in optimizers:
             opt.step()
@@ -2269,70 +2437,66 @@ def training_step(model, optimizers, batches, args: Hyperparameters, rt: Runtime
     return total / accum
 
 
-def compile_warmup(model, raw: GPT, optimizers, args: Hyperparameters, rt: Runtime, accum: int, local: int, log):
-    """Run COMPILE_WARMUP_STEPS steps on random tokens (never validation tokens, trap 13), then
+def compile_warmup(model, raw: GPT, optimizers, switches: list[Switch], ctx: Context, accum: int, local: int):
+    """Run COMPILE_WARMUP_STEPS steps on random tokens (never validation tokens: training on them
+    before they are scored is illegal), spread over every combination of the switches' states, then
     restore weights and optimizer state, so that the run continues as if they never happened."""
+    args = ctx.args
     if args.compile_warmup_steps == 0:
         return
     t0 = time.perf_counter()
     weights = copy.deepcopy(raw.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     gen = torch.Generator().manual_seed(args.seed + 1)
-    # Every graph the run will switch to (recurrence on, late QAT on) gets its share of the warm-up,
-    # so that no switch recompiles inside the timed budget (#1230).
-    variants = [(loop, qat) for loop in ([False, True] if args.num_loops else [False])
-                for qat in ([False, True] if args.late_qat_threshold else [False])]
+    variants = list(itertools.product((False, True), repeat=len(switches)))
     for i in range(args.compile_warmup_steps):
-        raw.looping, qat = variants[i * len(variants) // args.compile_warmup_steps]
-        raw.set_qat(args.matrix_bits if qat else 0, qat_sigmas(args), PASSTHROUGH_MAX_ELEMENTS)
+        for switch, on in zip(switches, variants[i * len(variants) // args.compile_warmup_steps]):
+            switch.set(raw, on)
         batches = []
         for _ in range(accum):  # laid out as the loader lays out its batches: the same shapes and strides,
             t = torch.randint(0, args.vocab_size, (local + 1,), generator=gen)  # or the graphs recompile
-            batches.append((t[:-1].view(-1, args.train_seq_len).to(rt.device),
-                            t[1:].view(-1, args.train_seq_len).to(rt.device)))
-        training_step(model, optimizers, batches, args, rt, accum)
-    raw.looping = False
-    raw.set_qat(0, 0.0, PASSTHROUGH_MAX_ELEMENTS)
+            batches.append((t[:-1].view(-1, args.train_seq_len).to(ctx.rt.device),
+                            t[1:].view(-1, args.train_seq_len).to(ctx.rt.device)))
+        training_step(model, optimizers, batches, ctx, accum)
+    for switch in switches:
+        switch.set(raw, False)
     raw.load_state_dict(weights)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
-    rt.sync()
-    log(f"compile_warmup: {args.compile_warmup_steps} steps on random tokens in {time.perf_counter() - t0:.1f}s, undone")
+    ctx.rt.sync()
+    ctx.log(f"compile_warmup: {args.compile_warmup_steps} steps on random tokens in {time.perf_counter() - t0:.1f}s, "
+            "undone")
 
 
-def qat_sigmas(args: Hyperparameters) -> float:
-    """Late QAT mirrors the artifact's clip: SDClip's k, or 0 (row max) for the quantile clips."""
-    return args.matrix_clip_sigmas if args.quant_clip == "sdclip" else 0.0
-
-
-def calibrate_on_training_data(raw: GPT, loader, args: Hyperparameters, rt: Runtime, local: int,
-                               elapsed_s: float, log) -> tuple[dict, float]:
-    """GPTQ Hessians from the next training batches; the seconds count as training time."""
+def calibrate_on_training_data(raw: GPT, loader, ctx: Context, local: int, elapsed_s: float) -> tuple[dict, float]:
+    """GPTQ Hessians from the next training batches; the seconds count as training time (a public
+    record calibrated after its 600 s and was ruled to have trained longer)."""
+    args, rt = ctx.args, ctx.rt
     rt.sync()
     t0 = time.perf_counter()
-    hessians = collect_hessians(raw, training_calibration_batches(loader, args, rt, local), rt)
+    hessians = collect_hessians(raw, training_calibration_batches(loader, ctx, local), rt)
     rt.sync()
     calib_s = time.perf_counter() - t0
     total = elapsed_s + calib_s
-    log(f"gptq_calibration: {args.gptq_calib_seqs} training sequences in {calib_s:.1f}s, counted as training "
-        f"(train_time:{1000 * total:.0f}ms, GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g})")
+    ctx.log(f"gptq_calibration: {args.gptq_calib_seqs} training sequences in {calib_s:.1f}s, counted as training "
+            f"(train_time:{1000 * total:.0f}ms, GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds:g})")
     if args.max_wallclock_seconds > 0 and total > args.max_wallclock_seconds:
-        log(f"WARNING: training plus calibration took {total:.1f}s, over MAX_WALLCLOCK_SECONDS="
-            f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
+        ctx.log(f"WARNING: training plus calibration took {total:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
     return hessians, calib_s
 
 
-def log_validation(model: GPT, val_tokens, tables, args: Hyperparameters, rt: Runtime, log, step: int,
-                   elapsed_s: float) -> EvalResult:
-    result = evaluate(model, val_tokens, tables, args, rt, log, label=f"val step {step}")
-    log(f"step:{step}/{args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-        f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / max(step, 1):.2f}ms "
-        f"val_tokens:{result.tokens} val_bytes:{result.bytes}")
+def log_validation(model: GPT, val: ValidationSet, ctx: Context, step: int, elapsed_s: float) -> EvalResult:
+    result = evaluate(model, val, ctx, label=f"val step {step}")
+    ctx.log(f"step:{step}/{ctx.args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
+            f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / max(step, 1):.2f}ms "
+            f"val_tokens:{result.tokens} val_bytes:{result.bytes}")
     return result
 
 
-def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, tables, log) -> TrainResult:
-    accum, local = batch_split(args, rt)
+def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: ValidationSet) -> TrainResult:
+    args, rt, log = ctx.args, ctx.rt, ctx.log
+    accum, local = batch_split(ctx)
     loader = DistributedTokenLoader(files, args.vocab_size, rt.rank, rt.world_size, rt.device)
     optimizers = build_optimizers(raw, args, rt.device)
     model = torch.compile(raw, dynamic=False) if rt.compile else raw
@@ -2341,12 +2505,12 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
             model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     log(f"train: {len(files)} shards, world {rt.world_size} x accum {accum} x {local} tokens "
         f"= {args.train_batch_tokens} tokens/step, params {sum(p.numel() for p in raw.parameters())}")
-    compile_warmup(model, raw, optimizers, args, rt, accum, local, log)
+    compile_warmup(model, raw, optimizers, switches, ctx, accum, local)
 
     cap_s = args.train_budget_seconds
     ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
     swa = SWA() if args.swa_every else None
-    train_s, step, stopped_early, qat_on = 0.0, 0, False, False
+    train_s, step, stopped_early = 0.0, 0, False
     elapsed_s, last_step_s = 0.0, 0.0  # training seconds agreed by all ranks, duration of the last step
     elapsed = torch.zeros((), dtype=torch.float64, device=rt.device)
     rt.sync()
@@ -2355,20 +2519,15 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
         if args.val_loss_every and step and step % args.val_loss_every == 0:
             rt.sync()
             train_s += time.perf_counter() - t0
-            log_validation(raw, val_tokens, tables, args, rt, log, step, elapsed_s)
+            log_validation(raw, val, ctx, step, elapsed_s)
             rt.sync()
             t0 = time.perf_counter()
         mult = apply_schedule(optimizers, step, elapsed_s, args)
-        if args.num_loops and not raw.looping and budget_fraction(step, elapsed_s, args) >= args.enable_looping_at:
-            raw.looping = True  # every rank decides from the same agreed clock
-            log(f"looping: on at step {step} (virtual layers {raw.layer_order()})")
-        if args.late_qat_threshold and not qat_on and mult < args.late_qat_threshold:
-            qat_on = True
-            n = raw.set_qat(args.matrix_bits, qat_sigmas(args), PASSTHROUGH_MAX_ELEMENTS)
-            log(f"late_qat: on at step {step} (lr_mult {mult:.4f}): int{args.matrix_bits} fake quantisation "
-                f"in {n} matrices")
+        for switch in switches:  # every rank decides from the same agreed clock
+            if not switch.on and switch.due(step, elapsed_s, mult):
+                log(f"{switch.name}: on at step {step} (lr_mult {mult:.4f}): {switch.set(raw, True)}")
         batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
-        loss = training_step(model, optimizers, batches, args, rt, accum)
+        loss = training_step(model, optimizers, batches, ctx, accum)
         step += 1
         if ema is not None:
             ema.update(raw)
@@ -2383,17 +2542,20 @@ def train(args: Hyperparameters, rt: Runtime, raw: GPT, files, val_tokens, table
             mean_loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             log(f"step:{step}/{args.iterations} train_loss:{mean_loss.item():.4f} "
                 f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / step:.2f}ms lr_mult:{mult:.4f}")
-        # Stop when the next step would cross the cap, so training never runs past it (#1956).
+        # Stop when the next step would cross the cap, so training never runs past it (a forced
+        # stop step let a public record train past 600 s).
         if cap_s > 0 and elapsed_s + last_step_s > cap_s and step < args.iterations:
             stopped_early = True
             log(f"stopping_early: wallclock_cap train_time:{1000 * elapsed_s:.0f}ms step:{step}/{args.iterations} "
                 f"(the next step would end past the training budget of {cap_s:g}s)")
-    raw.set_qat(0, 0.0, PASSTHROUGH_MAX_ELEMENTS)  # the artifact quantises for real from here on
+    for switch in switches:
+        if switch.on and not switch.kept_after_training:  # e.g. late QAT: the artifact rounds for real
+            switch.set(raw, False)
     log(f"final weights: {apply_final_weights(raw, ema, swa)}")
-    pre_quant = log_validation(raw, val_tokens, tables, args, rt, log, step, elapsed_s)
+    pre_quant = log_validation(raw, val, ctx, step, elapsed_s)
     hessians = None
-    if args.gptq and args.gptq_calib == "train":  # training data: inside the training time (#1868)
-        hessians, calib_s = calibrate_on_training_data(raw, loader, args, rt, local, elapsed_s, log)
+    if args.gptq and args.gptq_calib == "train":  # training data: inside the training time
+        hessians, calib_s = calibrate_on_training_data(raw, loader, ctx, local, elapsed_s)
         elapsed_s += calib_s
     return TrainResult(step, elapsed_s, stopped_early, pre_quant, hessians)
 
@@ -2414,19 +2576,27 @@ def scheme_name(args: Hyperparameters) -> str:
     return f"int{args.matrix_bits}{'_gptq' if args.gptq else ''}_{args.compressor}"
 
 
-def write_artifact(raw: GPT, args: Hyperparameters, rt: Runtime, out_dir: Path, log, hessians=None) -> ArtifactInfo:
-    path = out_dir / "model.ptz"
+def artifact_meta(args: Hyperparameters, switches: list[Switch]) -> dict:
+    """What the artifact records besides the weights: every model-shaping knob, and the state of every
+    switch the evaluated model keeps (e.g. depth recurrence on), so that EVAL_ONLY rebuilds the same
+    model whatever the variables say."""
+    return {"arch": architecture_of(args), "switches": {s.name: s.on for s in switches if s.kept_after_training}}
+
+
+def write_artifact(raw: GPT, switches: list[Switch], ctx: Context, hessians=None) -> ArtifactInfo:
+    args, log = ctx.args, ctx.log
+    path = ctx.out_dir / "model.ptz"
     code = shipped_code(args)
-    if rt.master:
+    if ctx.rt.master:
         t0 = time.perf_counter()
         qstate = quantize_state_dict(raw.state_dict(), args, hessians, log)
-        arch = {**architecture_of(args), "looping": raw.looping}  # the recurrence state training ended in
-        blob = pack_artifact(qstate, arch, args.compressor, args.compress_level, args.byte_shuffle)
+        blob = pack_artifact(qstate, artifact_meta(args, switches), args.compressor, args.compress_level,
+                             args.byte_shuffle)
         atomic_write_bytes(path, blob)
         if args.self_extract:
-            atomic_write_bytes(out_dir / "train_gpt_packed.py", code)
+            atomic_write_bytes(ctx.out_dir / "train_gpt_packed.py", code)
         log(f"artifact: quantised{' with GPTQ' if hessians else ''} and packed in {time.perf_counter() - t0:.1f}s")
-    rt.barrier()
+    ctx.rt.barrier()
     info = ArtifactInfo(path, path.stat().st_size, len(code))
     scheme = scheme_name(args)
     log(f"Serialized model {scheme}: {info.bytes_model} bytes")
@@ -2438,18 +2608,27 @@ def write_artifact(raw: GPT, args: Hyperparameters, rt: Runtime, out_dir: Path, 
     return info
 
 
-def model_from_artifact(path: str, args: Hyperparameters, rt: Runtime, log) -> GPT:
-    arch, state = read_artifact(path)
-    looping = arch.pop("looping", False)
-    unknown = sorted(set(arch) - set(ARCHITECTURE_FIELDS))
-    if unknown:
-        raise ArtifactError(f"artifact {path} has architecture fields this script does not know: {unknown}")
-    differs = {k: (getattr(args, k), v) for k, v in arch.items() if getattr(args, k) != v}
+def model_from_artifact(path: str, ctx: Context) -> GPT:
+    """The model an artifact describes, with its weights and its switches' states. The artifact's
+    architecture wins over the configured one (said in the log), and is checked like any variable."""
+    meta, state = read_artifact(path)
+    arch = meta["arch"]
+    unknown = sorted(set(arch) - set(Hyperparameters.architecture_fields()))
+    missing = sorted(set(Hyperparameters.architecture_fields()) - set(arch))
+    if unknown or missing:
+        raise ArtifactError(f"artifact {path} was written by another version of this script: architecture "
+                            f"fields unknown here {unknown}, missing there {missing}")
+    differs = {k: (getattr(ctx.args, k), v) for k, v in arch.items() if getattr(ctx.args, k) != v}
     if differs:
-        log(f"artifact architecture differs from the configured one, using the artifact's: {differs}")
-    model_args = dataclasses.replace(args, **arch)
-    model = GPT(model_args, rt.attn_backend).to(rt.device)
-    model.looping = looping
+        ctx.log(f"artifact architecture differs from the configured one, using the artifact's: {differs}")
+    try:
+        model_args = ctx.args.replace(f"artifact {path}", **arch)
+    except ConfigError as e:
+        raise ArtifactError(f"artifact {path} holds an invalid architecture: {e}") from None
+    model = GPT(model_args, ctx.rt.attn_backend).to(ctx.rt.device)
+    for switch in run_switches(model_args):
+        if switch.kept_after_training:
+            switch.set(model, bool(meta["switches"].get(switch.name, False)))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -2457,10 +2636,11 @@ def model_from_artifact(path: str, args: Hyperparameters, rt: Runtime, log) -> G
     return model
 
 
-def score_artifact(path, args, rt, val_tokens, tables, out_dir: Path, log) -> dict[str, EvalResult]:
+def score_artifact(path, ctx: Context, val: ValidationSet) -> dict[str, EvalResult]:
     """Every evaluation stage on the model read back from the artifact, in order; the last one is
     the submission's score. Each stage's seconds are measured and checked against the budget."""
-    model = compile_for_scoring(model_from_artifact(str(path), args, rt, log), rt)
+    args, log = ctx.args, ctx.log
+    model = compile_for_scoring(model_from_artifact(str(path), ctx), ctx.rt)
     scheme = scheme_name(args)
     stages = {}
 
@@ -2470,15 +2650,15 @@ def score_artifact(path, args, rt, val_tokens, tables, out_dir: Path, log) -> di
             f"val_tokens:{r.tokens} val_bytes:{r.bytes}{extra}")
         log(f"{tag}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
 
-    report("roundtrip", f"final_{scheme}_roundtrip", evaluate(model, val_tokens, tables, args, rt, log, "roundtrip eval"))
+    report("roundtrip", f"final_{scheme}_roundtrip", evaluate(model, val, ctx, "roundtrip eval"))
     if args.eval_stride:
-        r = evaluate(model, val_tokens, tables, args, rt, log, "sliding eval", stride=args.eval_stride)
+        r = evaluate(model, val, ctx, "sliding eval", stride=args.eval_stride)
         report("sliding", f"final_{scheme}_sliding_window", r, f" stride:{args.eval_stride}")
     if args.ttt_enabled:  # last: TTT trains the model in place
-        chunks_path = out_dir / "ttt_chunks.jsonl"
-        if rt.master and chunks_path.exists():
+        chunks_path = ctx.out_dir / "ttt_chunks.jsonl"
+        if ctx.rt.master and chunks_path.exists():
             chunks_path.unlink()
-        r, records = evaluate_ttt(model, val_tokens, tables, args, rt, log, chunks_path)
+        r, records = evaluate_ttt(model, val, ctx, chunks_path)
         report("ttt", "legal_ttt", r, f" chunks:{len(records)} epochs:{args.ttt_epochs}")
     total = sum(r.seconds for r in stages.values())
     if total > args.eval_time_budget_seconds:
@@ -2493,11 +2673,13 @@ def stage_rows(stages: dict[str, EvalResult]) -> list[tuple[str, str]]:
     return rows
 
 
-def write_submission(out_dir: Path, args: Hyperparameters, rt: Runtime, train: TrainResult,
-                     art: ArtifactInfo, stages: dict[str, EvalResult]) -> None:
+def submission_doc(ctx: Context, result: TrainResult, art: ArtifactInfo, stages: dict[str, EvalResult]) -> dict:
+    """submission.json: the challenge's fields, every stage's score and seconds, the effective
+    configuration, and the compliance checks."""
+    args = ctx.args
     final = list(stages.values())[-1]
     eval_seconds = sum(r.seconds for r in stages.values())
-    doc = {
+    return {
         "name": args.submission_name or args.preset,
         "author": args.author,
         "github_id": args.github_id,
@@ -2512,40 +2694,42 @@ def write_submission(out_dir: Path, args: Hyperparameters, rt: Runtime, train: T
         "bytes_model": art.bytes_model,
         "bytes_code": art.bytes_code,
         "seed": args.seed,
-        "steps": train.steps,
-        "step_avg_ms": 1000 * train.train_seconds / max(train.steps, 1),
-        "train_seconds": train.train_seconds,
+        "steps": result.steps,
+        "step_avg_ms": 1000 * result.train_seconds / max(result.steps, 1),
+        "train_seconds": result.train_seconds,
         "eval_seconds": {k: r.seconds for k, r in stages.items()},
-        "stages": {"pre_quant": train.pre_quant.val_bpb if train.pre_quant else None,
+        "stages": {"pre_quant": result.pre_quant.val_bpb if result.pre_quant else None,
                    **{k: r.val_bpb for k, r in stages.items()}},
-        "hardware": hardware_name(rt),
+        "hardware": hardware_name(ctx.rt),
         "pytorch_version": torch.__version__,
         "preset": args.preset,
         "hyperparameters": args.as_dict(),
         "compliance": {
-            "train_under_600s": train.train_seconds <= 600,
+            "train_under_600s": result.train_seconds <= 600,
             "eval_under_600s": eval_seconds <= 600,
             "artifact_under_16000000_bytes": art.bytes_total <= CAP_BYTES,
             "score_first_ttt": True if "ttt" in stages else "not used",
         },
     }
-    atomic_write_text(out_dir / "submission.json", json.dumps(doc, indent=2) + "\n")
 
 
-def run_training(args, rt, out_dir, train_files, val_tokens, tables, log) -> int:
+def run_training(ctx: Context, train_files, val: ValidationSet) -> int:
+    args, rt, log = ctx.args, ctx.rt, ctx.log
     torch.manual_seed(args.seed)
     raw = GPT(args, rt.attn_backend).to(rt.device)
-    result = train(args, rt, raw, train_files, val_tokens, tables, log)
+    switches = run_switches(args)
+    result = train(ctx, raw, switches, train_files, val)
     hessians = result.hessians
     if args.gptq and args.gptq_calib == "selfgen":
         t0 = time.perf_counter()
-        hessians = collect_hessians(raw, selfgen_calibration_batches(raw, args, rt), rt)
+        hessians = collect_hessians(raw, selfgen_calibration_batches(raw, ctx), rt)
         log(f"gptq_calibration: {args.gptq_calib_seqs} self-generated sequences of {args.gptq_selfgen_len} tokens "
             f"in {time.perf_counter() - t0:.1f}s (no training data)")
-    art = write_artifact(raw, args, rt, out_dir, log, hessians)
-    stages = score_artifact(art.path, args, rt, val_tokens, tables, out_dir, log)
+    art = write_artifact(raw, switches, ctx, hessians)
+    stages = score_artifact(art.path, ctx, val)
     if rt.master:
-        write_submission(out_dir, args, rt, result, art, stages)
+        atomic_write_text(ctx.out_dir / "submission.json",
+                          json.dumps(submission_doc(ctx, result, art, stages), indent=2) + "\n")
     for line in summary_table([
         ("pre-quant val_bpb", f"{result.pre_quant.val_bpb:.4f}" if result.pre_quant else "-"),
         *stage_rows(stages),
@@ -2553,30 +2737,30 @@ def run_training(args, rt, out_dir, train_files, val_tokens, tables, log) -> int
                            f"({'OK' if art.bytes_total <= CAP_BYTES else 'OVER'} {CAP_BYTES})"),
         ("train seconds", f"{result.train_seconds:.1f} ({result.steps} steps"
                           f"{', wall-clock cap' if result.stopped_early else ''})"),
-        ("outputs", str(out_dir)),
+        ("outputs", str(ctx.out_dir)),
     ]):
         log(line)
     return 3 if art.bytes_total > CAP_BYTES else 0
 
 
-def run_eval_only(args, rt, out_dir, val_tokens, tables, log) -> int:
-    stages = score_artifact(args.artifact, args, rt, val_tokens, tables, out_dir, log)
+def run_eval_only(ctx: Context, val: ValidationSet) -> int:
+    stages = score_artifact(ctx.args.artifact, ctx, val)
     final = list(stages.values())[-1]
-    if rt.master:
-        doc = {"artifact": args.artifact, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
+    if ctx.rt.master:
+        doc = {"artifact": ctx.args.artifact, "val_loss": final.val_loss, "val_bpb": final.val_bpb,
                "val_tokens": final.tokens, "val_bytes": final.bytes,
                "stages": {k: {"val_loss": r.val_loss, "val_bpb": r.val_bpb} for k, r in stages.items()},
                "eval_seconds": {k: r.seconds for k, r in stages.items()}}
-        atomic_write_text(out_dir / "eval.json", json.dumps(doc, indent=2) + "\n")
-    for line in summary_table([*stage_rows(stages), ("outputs", str(out_dir))]):
-        log(line)
+        atomic_write_text(ctx.out_dir / "eval.json", json.dumps(doc, indent=2) + "\n")
+    for line in summary_table([*stage_rows(stages), ("outputs", str(ctx.out_dir))]):
+        ctx.log(line)
     return 0
 
 
 def run_size_check(args: Hyperparameters) -> int:
-    """SIZE_CHECK=1 (SPEC section 0): the artifact bytes of the configured model and scheme, no data.
-    Random-normal weights, never the zero-initialised ones (they would compress to nothing); clip by
-    std or quantile is scale-invariant, so the integers match a trained model's closely."""
+    """SIZE_CHECK=1: the artifact bytes of the configured model and scheme, no data. Random-normal
+    weights, never the zero-initialised ones (they would compress to nothing); clip by std or
+    quantile is scale-invariant, so the integers match a trained model's closely."""
     t0 = time.perf_counter()
     model = GPT(args)
     if args.size_check_from:
@@ -2597,7 +2781,8 @@ def run_size_check(args: Hyperparameters) -> int:
                 p.normal_(0.0, 0.02)
     n_params = sum(p.numel() for p in model.parameters())
     qstate = quantize_state_dict(model.state_dict(), args)
-    model_bytes = len(pack_artifact(qstate, architecture_of(args), args.compressor, args.compress_level, args.byte_shuffle))
+    meta = artifact_meta(args, run_switches(args))
+    model_bytes = len(pack_artifact(qstate, meta, args.compressor, args.compress_level, args.byte_shuffle))
     code_bytes = len(shipped_code(args))
     total = model_bytes + code_bytes
     print(f"size_check preset:{args.preset} params:{n_params} bytes_model:{model_bytes} bytes_code:{code_bytes} "
@@ -2618,19 +2803,16 @@ def run(env: Mapping[str, str]) -> int:
         if args.size_check:
             return run_size_check(args)
         rt = init_runtime(args, env)
+        ctx = Context(args, rt)
         if not args.eval_only:
-            batch_split(args, rt)  # the checks that need the world size, before any work
-        tables = build_byte_tables(load_tokenizer(args.tokenizer_path, args.vocab_size))
-        val_tokens = load_validation(args)
+            batch_split(ctx)  # the checks that need the world size, before any work
+        val = load_validation(args)
         train_files = [] if args.eval_only else check_train_shards(args.data_path)
-        out_dir = prepare_out_dir(args, rt)  # only after every input is known to be good
-        log = RunLog(out_dir / ("eval.log" if args.eval_only else "train.log"), rt.master)
-        log_header(log, args, rt)
-        log(f"val: {len(val_tokens)} tokens in {len(shard_files(args.data_path, 'val'))} shard(s)")
-        if args.eval_only:
-            code = run_eval_only(args, rt, out_dir, val_tokens, tables, log)
-        else:
-            code = run_training(args, rt, out_dir, train_files, val_tokens, tables, log)
+        ctx.out_dir = prepare_out_dir(ctx)  # only after every input is known to be good
+        ctx.log = log = RunLog(ctx.out_dir / ("eval.log" if args.eval_only else "train.log"), rt.master)
+        log_header(ctx)
+        log(f"val: {len(val.tokens)} tokens in {len(shard_files(args.data_path, 'val'))} shard(s)")
+        code = run_eval_only(ctx, val) if args.eval_only else run_training(ctx, train_files, val)
         rt.barrier()  # leave together: a rank tearing gloo down while another still talks aborts it
         return code
     except UserError as e:

@@ -8,7 +8,7 @@ documents, in input order, are the validation split and are never used for train
 train the tokenizer (the overlap of challenge issue #2127 cannot happen here).
 
 Writes, each file atomically:
-    DIR/tokenizer.model              SentencePiece BPE, the challenge's settings (SPEC 1.2)
+    DIR/tokenizer.model              SentencePiece BPE, the challenge's settings
     DIR/fineweb_val_000000.bin ...   the validation documents
     DIR/fineweb_train_000000.bin ... the training documents
     DIR/build_info.json              counts, settings and input hashes

@@ -15,7 +15,7 @@ verifies every shard's header and size, and can be stopped and restarted at any 
 are already present and valid are skipped, partial downloads resume from the hub cache, and a file
 appears under data/ only once it is complete (copied to a temporary name, then renamed).
 
-Repositories (SPEC 1.2): sp1024 from willdepueoai/parameter-golf, sp8192 from
+Repositories: sp1024 from willdepueoai/parameter-golf, sp8192 from
 kevclark/parameter-golf; `--repo-id` (or MATCHED_FINEWEB_REPO_ID, the community's variable)
 overrides. `--endpoint` (or HF_ENDPOINT) points at another hub, e.g. a mirror or a test stand-in.
 """

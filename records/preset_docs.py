@@ -46,42 +46,42 @@ def ttt(v):
     return f"{v.ttt_epochs} ep, lr {v.ttt_lr:g}, chunk {v.ttt_chunk_tokens}{freeze}"
 
 
-# (SPEC section, feature, cell from the effective Hyperparameters)
+# (area, feature, cell from the effective Hyperparameters)
 FEATURES = [
-    ("1.2", "tokenizer", lambda v: f"sp{v.vocab_size}"),
-    ("2", "layers x width, heads/kv", lambda v: f"{v.num_layers}x{v.model_dim}, {v.num_heads}/{v.num_kv_heads}"),
-    ("2", "MLP", lambda v: f"{v.mlp_mult}x {v.mlp_act}"),
-    ("2", "partial RoPE", lambda v: f"{v.rope_dims}/{v.model_dim // v.num_heads}" if v.rope_dims else "-"),
-    ("2", "LN scale 1/sqrt(i+1)", lambda v: on(v.ln_scale)),
-    ("2", "QK gain init", lambda v: f"{v.qk_gain_init:g}"),
-    ("2", "XSA", lambda v: "all" if v.xsa_last_n >= v.num_layers else (f"last {v.xsa_last_n}" if v.xsa_last_n else "-")),
-    ("2", "gated attention", lambda v: {"0": "-", "1": "from input", "headwise": "headwise"}[v.gated_attn]),
-    ("2", "value residual", lambda v: on(v.value_residual)),
-    ("2", "value embeddings", lambda v: f"{v.ve_dim} on {v.ve_layers}" if v.ve_enabled else "-"),
-    ("2", "SmearGate", lambda v: on(v.smear_gate)),
-    ("2", "BigramHash", lambda v: f"{v.bigram_vocab_size}x{v.bigram_dim}" if v.bigram_vocab_size else "-"),
-    ("2", "U-Net skips", lambda v: ("gated" if v.skip_gates else "yes") if v.unet_skips else "-"),
-    ("2", "depth recurrence", loops),
-    ("2", "parallel residuals", lambda v: f"from {v.parallel_residual_start}" if v.parallel_residual_start >= 0 else "-"),
-    ("2", "block attention residuals", lambda v: on(v.attn_res, f"{v.attn_res_block_size}, {v.attn_res_mix:g}, "
+    ("data", "tokenizer", lambda v: f"sp{v.vocab_size}"),
+    ("model", "layers x width, heads/kv", lambda v: f"{v.num_layers}x{v.model_dim}, {v.num_heads}/{v.num_kv_heads}"),
+    ("model", "MLP", lambda v: f"{v.mlp_mult}x {v.mlp_act}"),
+    ("model", "partial RoPE", lambda v: f"{v.rope_dims}/{v.model_dim // v.num_heads}" if v.rope_dims else "-"),
+    ("model", "LN scale 1/sqrt(i+1)", lambda v: on(v.ln_scale)),
+    ("model", "QK gain init", lambda v: f"{v.qk_gain_init:g}"),
+    ("model", "XSA", lambda v: "all" if v.xsa_last_n >= v.num_layers else (f"last {v.xsa_last_n}" if v.xsa_last_n else "-")),
+    ("model", "gated attention", lambda v: {"0": "-", "1": "from input", "headwise": "headwise"}[v.gated_attn]),
+    ("model", "value residual", lambda v: on(v.value_residual)),
+    ("model", "value embeddings", lambda v: f"{v.ve_dim} on {v.ve_layers}" if v.ve_enabled else "-"),
+    ("model", "SmearGate", lambda v: on(v.smear_gate)),
+    ("model", "BigramHash", lambda v: f"{v.bigram_vocab_size}x{v.bigram_dim}" if v.bigram_vocab_size else "-"),
+    ("model", "U-Net skips", lambda v: ("gated" if v.skip_gates else "yes") if v.unet_skips else "-"),
+    ("model", "depth recurrence", loops),
+    ("model", "parallel residuals", lambda v: f"from {v.parallel_residual_start}" if v.parallel_residual_start >= 0 else "-"),
+    ("model", "block attention residuals", lambda v: on(v.attn_res, f"{v.attn_res_block_size}, {v.attn_res_mix:g}, "
                                                              f"{v.attn_res_temp:g}")),
-    ("2", "OrthoInit", lambda v: on(v.ortho_init)),
-    ("3", "Muon lr / wd", lambda v: f"{v.matrix_lr:g} / {v.muon_wd:g}"),
-    ("3", "MuonEq-R", lambda v: on(v.muon_row_normalize)),
-    ("3", "Parallel Muon (banks)", lambda v: on(v.parallel_muon)),
-    ("3", "momentum", lambda v: f"{v.muon_momentum_warmup_start:g}->{v.muon_momentum:g} / {v.muon_momentum_warmup_steps}"),
-    ("3", "AdamW wd (scalars / emb)", lambda v: f"{v.adam_wd:g} / {v.embed_wd:g}"),
-    ("3", "warm-down", warmdown),
-    ("3", "time cap / steps", lambda v: f"{v.max_wallclock_seconds:g} s" if v.max_wallclock_seconds else f"{v.iterations} steps"),
-    ("3", "EMA", lambda v: f"{v.ema_decay:g}" if v.ema_decay else "-"),
-    ("3", "SWA", lambda v: f"every {v.swa_every} below {v.swa_start_scale:g}" if v.swa_every else "-"),
-    ("3", "late QAT", lambda v: f"below {v.late_qat_threshold:g}" if v.late_qat_threshold else "-"),
-    ("4", "quantisation", quant),
-    ("4", "compressor", lambda v: v.compressor + (f"-{v.compress_level}" if v.compress_level >= 0 else "")
+    ("model", "OrthoInit", lambda v: on(v.ortho_init)),
+    ("training", "Muon lr / wd", lambda v: f"{v.matrix_lr:g} / {v.muon_wd:g}"),
+    ("training", "MuonEq-R", lambda v: on(v.muon_row_normalize)),
+    ("training", "Parallel Muon (banks)", lambda v: on(v.parallel_muon)),
+    ("training", "momentum", lambda v: f"{v.muon_momentum_warmup_start:g}->{v.muon_momentum:g} / {v.muon_momentum_warmup_steps}"),
+    ("training", "AdamW wd (scalars / emb)", lambda v: f"{v.adam_wd:g} / {v.embed_wd:g}"),
+    ("training", "warm-down", warmdown),
+    ("training", "time cap / steps", lambda v: f"{v.max_wallclock_seconds:g} s" if v.max_wallclock_seconds else f"{v.iterations} steps"),
+    ("training", "EMA", lambda v: f"{v.ema_decay:g}" if v.ema_decay else "-"),
+    ("training", "SWA", lambda v: f"every {v.swa_every} below {v.swa_start_scale:g}" if v.swa_every else "-"),
+    ("training", "late QAT", lambda v: f"below {v.late_qat_threshold:g}" if v.late_qat_threshold else "-"),
+    ("artifact", "quantisation", quant),
+    ("artifact", "compressor", lambda v: v.compressor + (f"-{v.compress_level}" if v.compress_level >= 0 else "")
      + (" + shuffle" if v.byte_shuffle else "")),
-    ("4", "self-extracting code", lambda v: on(v.self_extract)),
-    ("5", "sliding window", lambda v: f"stride {v.eval_stride}" if v.eval_stride else "-"),
-    ("5", "score-first TTT", ttt),
+    ("artifact", "self-extracting code", lambda v: on(v.self_extract)),
+    ("evaluation", "sliding window", lambda v: f"stride {v.eval_stride}" if v.eval_stride else "-"),
+    ("evaluation", "score-first TTT", ttt),
 ]
 
 
@@ -91,10 +91,10 @@ def effective(name: str) -> Hyperparameters:
 
 def feature_table() -> str:
     values = {name: effective(name) for name in COLUMNS}
-    rows = ["| SPEC | feature | " + " | ".join(f"`{c}`" for c in COLUMNS) + " |",
+    rows = ["| area | feature | " + " | ".join(f"`{c}`" for c in COLUMNS) + " |",
             "|---|---|" + "---|" * len(COLUMNS)]
-    for section, label, cell in FEATURES:
-        rows.append(f"| {section} | {label} | " + " | ".join(cell(values[c]) for c in COLUMNS) + " |")
+    for area, label, cell in FEATURES:
+        rows.append(f"| {area} | {label} | " + " | ".join(cell(values[c]) for c in COLUMNS) + " |")
     return "\n".join(rows)
 
 

@@ -19,7 +19,8 @@ env = dict(PRESET="smoke", VOCAB_SIZE="320", NUM_LAYERS="2", MODEL_DIM="64", NUM
 env.update({k: v for k, v in os.environ.items() if k in ("PARALLEL_MUON", "GRAD_CLIP_NORM")})
 args = tg.Hyperparameters.from_env(env)
 rt = tg.init_runtime(args, os.environ)
-accum, local = tg.batch_split(args, rt)
+ctx = tg.Context(args, rt)
+accum, local = tg.batch_split(ctx)
 torch.manual_seed(0)
 model = tg.GPT(args)
 init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -28,7 +29,7 @@ ddp = torch.nn.parallel.DistributedDataParallel(model) if rt.distributed and not
 loader = tg.DistributedTokenLoader(tg.shard_files(str(data), "train"), 320, rt.rank, rt.world_size, "cpu")
 for step in range(3):
     tg.apply_schedule(optimizers, step, 0.0, args)
-    tg.training_step(ddp, optimizers, [loader.next_batch(local, 32) for _ in range(accum)], args, rt, accum)
+    tg.training_step(ddp, optimizers, [loader.next_batch(local, 32) for _ in range(accum)], ctx, accum)
 if rt.master:
     torch.save({"init": init, "final": model.state_dict()}, out)
 if rt.distributed:

@@ -1,4 +1,4 @@
-"""Every architecture feature of SPEC section 2, alone and all together: forward and backward finite,
+"""Every architecture feature, alone and all together: forward and backward finite,
 the parameter count matches a formula written here, the feature changes the output (a silent no-op
 fails), causality with a BOS in the middle of the sequence, nothing carried across a BOS by
 SmearGate or BigramHash, every parameter in one optimizer group and receiving gradient, and
@@ -157,7 +157,7 @@ def test_xsa_removes_the_own_value_component():
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_skip_merge_is_the_spec_formula(gated):
-    """SPEC 2: x + w*skip, or x = g*x + (1-g)*(w*skip) with g = sigmoid(gate); merge_skip groups the
+    """The written form: x + w*skip, or x = g*x + (1-g)*(w*skip) with g = sigmoid(gate); merge_skip groups the
     per-channel factors differently (for the GPU kernels), so values and gradients are compared."""
     model = randomize(make({"SKIP_GATES": "1"} if gated else {})).double()
     g = torch.Generator().manual_seed(3)

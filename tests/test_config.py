@@ -1,5 +1,5 @@
 """Hyperparameters: defaults, presets, explicit variables winning, type/range errors that name the
-variable, checks between variables, and the typo warning (SPEC section 0)."""
+variable, checks between variables, and the typo warning."""
 
 import pytest
 

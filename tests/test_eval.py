@@ -1,4 +1,4 @@
-"""Evaluation (SPEC section 5): the sliding window scores every target once with its full allowed
+"""Evaluation: the sliding window scores every target once with its full allowed
 context (checked by brute force), score-first TTT is legal (earlier chunks are bit-identical when a
 later chunk changes; a chunk is scored before any update that used it), and 2 processes give what
 1 process gives, for the sliding window and TTT alike."""
@@ -14,10 +14,12 @@ import torch
 
 from conftest import log_values, run_script, tiny_env
 from test_model import randomize, tiny_args
-from train_gpt import (CPU_RUNTIME_FOR_TESTS, GPT, ByteTables, eval_windows, evaluate, evaluate_ttt, read_shard, ttt_lr_at,
-                       ttt_train_chunk, window_sums, write_shard)
+from train_gpt import (CPU_RUNTIME_FOR_TESTS, GPT, ByteTables, Context, ValidationSet, eval_windows, evaluate,
+                       evaluate_ttt, read_shard, ttt_lr_at, ttt_train_chunk, window_sums, write_shard)
 
-CPU = CPU_RUNTIME_FOR_TESTS
+
+def on_cpu(args) -> Context:
+    return Context(args, CPU_RUNTIME_FOR_TESTS)
 
 
 @pytest.mark.parametrize("n, L, stride", [(10, 32, 8), (32, 32, 8), (33, 32, 8), (200, 32, 8), (203, 32, 7),
@@ -55,7 +57,7 @@ def test_sliding_window_equals_brute_force(model_and_val):
     model, val = model_and_val
     args = tiny_args(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="5")
     tables = tiny_tables()
-    result = evaluate(model, val, tables, args, CPU, stride=8)
+    result = evaluate(model, ValidationSet(val, tables), on_cpu(args), stride=8)
     n = len(val) - 1
     assert result.tokens == n
     assert result.bytes == int(tables.count(val[:-1], val[1:]).sum())
@@ -65,7 +67,7 @@ def test_sliding_window_equals_brute_force(model_and_val):
             for j in range(start + first, start + length):  # target j with context start..j, alone
                 brute += model.token_nll(val[None, start:j + 1], val[None, start + 1:j + 2])[0, -1].double().item()
     assert result.nll == pytest.approx(brute, rel=1e-6)
-    plain = evaluate(model, val, tables, args, CPU, stride=0)
+    plain = evaluate(model, ValidationSet(val, tables), on_cpu(args), stride=0)
     assert plain.tokens == n and plain.nll != pytest.approx(result.nll, rel=1e-4)  # the stride matters
 
 
@@ -76,11 +78,11 @@ TTT_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_ENAB
 def test_ttt_earlier_chunks_do_not_see_later_tokens(model_and_val):
     model, val = model_and_val
     args, tables = tiny_args(**TTT_ENV), tiny_tables()
-    _, base = evaluate_ttt(copy.deepcopy(model), val, tables, args, CPU)
+    _, base = evaluate_ttt(copy.deepcopy(model), ValidationSet(val, tables), on_cpu(args))
     k = 2
     changed = val.clone()
     changed[k * 128 + 1:(k + 1) * 128 + 1] = torch.randint(2, 64, (128,))  # the tokens of chunk k's targets
-    _, after = evaluate_ttt(copy.deepcopy(model), changed, tables, args, CPU)
+    _, after = evaluate_ttt(copy.deepcopy(model), ValidationSet(changed, tables), on_cpu(args))
     assert [r["nll"] for r in after[:k]] == [r["nll"] for r in base[:k]]  # bit-identical
     assert after[k]["nll"] != base[k]["nll"] and after[k + 1]["nll"] != base[k + 1]["nll"]
 
@@ -88,7 +90,7 @@ def test_ttt_earlier_chunks_do_not_see_later_tokens(model_and_val):
 def test_ttt_scores_a_chunk_before_training_on_it(model_and_val):
     model, val = model_and_val
     args, tables = tiny_args(**TTT_ENV), tiny_tables()
-    result, records = evaluate_ttt(copy.deepcopy(model), val, tables, args, CPU)
+    result, records = evaluate_ttt(copy.deepcopy(model), ValidationSet(val, tables), on_cpu(args))
     n = len(val) - 1
     assert len(records) == math.ceil(n / 128) and sum(r["tokens"] for r in records) == result.tokens == n
     # Replay with the public pieces: chunk k must be scored with the weights trained on chunks < k only.
@@ -101,10 +103,11 @@ def test_ttt_scores_a_chunk_before_training_on_it(model_and_val):
     for c in range(k):
         for g in opt.param_groups:
             g["lr"] = ttt_lr_at(c, n_train, args)
-        ttt_train_chunk(m, opt, params, val, c * 128, (c + 1) * 128, args, CPU)
-    assert window_sums(m, val, tables, chunk_windows(k), args, CPU)[0].item() == records[k]["nll"]
-    ttt_train_chunk(m, opt, params, val, k * 128, (k + 1) * 128, args, CPU)  # the illegal order differs
-    assert window_sums(m, val, tables, chunk_windows(k), args, CPU)[0].item() < records[k]["nll"]
+        ttt_train_chunk(m, opt, params, val, c * 128, (c + 1) * 128, on_cpu(args))
+    vset = ValidationSet(val, tables)
+    assert window_sums(m, vset, chunk_windows(k), on_cpu(args))[0].item() == records[k]["nll"]
+    ttt_train_chunk(m, opt, params, val, k * 128, (k + 1) * 128, on_cpu(args))  # the illegal order differs
+    assert window_sums(m, vset, chunk_windows(k), on_cpu(args))[0].item() < records[k]["nll"]
     assert torch.equal(m.blocks[0].attn.c_q.weight, model.blocks[0].attn.c_q.weight)  # frozen block untouched
 
 
@@ -122,9 +125,10 @@ def test_evaluation_batches_have_one_shape(model_and_val):
         return hidden(x)
 
     m.hidden = spy
-    evaluate(m, val, tables, args, CPU)  # 600 targets: 18 windows of 32 and one of 24
-    evaluate(m, val, tables, args, CPU, stride=8)
-    evaluate_ttt(m, val, tables, args, CPU)  # chunks of 4 sequences, TTT batches of 3 and 1
+    vset, ctx = ValidationSet(val, tables), on_cpu(args)
+    evaluate(m, vset, ctx)  # 600 targets: 18 windows of 32 and one of 24
+    evaluate(m, vset, ctx, stride=8)
+    evaluate_ttt(m, vset, ctx)  # chunks of 4 sequences, TTT batches of 3 and 1
     assert shapes == {"score": {(4, 32)}, "train": {(3, 32)}}
 
 

@@ -78,7 +78,7 @@ def test_rope_is_relative_and_norm_preserving():
     d2 = at(q, 33) @ at(k, 30)
     assert torch.allclose(d1, d2, atol=1e-4)
     assert not torch.allclose(d1, at(q, 5) @ at(k, 4), atol=1e-3)
-    # frequencies: theta_i = base^(-2i/d) with the rotated width d (no rescaling, trap 6)
+    # frequencies: theta_i = base^(-2i/d) with the rotated width d (no rescaling with the length)
     assert torch.allclose(torch.atan2(sin[0, 1, 0], cos[0, 1, 0]), 10000.0 ** (-torch.arange(0, 16, 2) / 16), atol=1e-5)
 
 
@@ -119,8 +119,6 @@ def test_flash_backends_get_bf16_inputs(monkeypatch):
     flash paths cast, and give the same result as SDPA (a stand-in module checks the dtypes)."""
     import sys
     import types
-
-    import torch.nn.functional as F
 
     def fake_flash(q, k, v, causal):
         assert q.dtype == k.dtype == v.dtype == torch.bfloat16 and causal

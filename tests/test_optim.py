@@ -1,12 +1,13 @@
 """Muon against torch.optim.Muon, Newton-Schulz orthogonality, and the schedules against
-hand-computed values (SPEC section 3)."""
+hand-computed values."""
 
 import copy
 
 import pytest
 import torch
 
-from train_gpt import (EMA, SWA, Hyperparameters, Muon, ParallelMuon, QATLinear, apply_final_weights, build_optimizers,
+from train_gpt import (EMA, SWA, Hyperparameters, LateQAT, Muon, ParallelMuon, QATLinear, QuantSpec, apply_final_weights,
+                       build_optimizers, dequantize_state_dict, fake_quantize, quantize_state_dict,
                        lr_multiplier, muon_momentum_at, zeropower_via_newtonschulz5)
 
 
@@ -166,20 +167,22 @@ def test_ema_and_swa_arithmetic_and_application():
         swa.add([torch.full((1, 2), value)])
     torch.testing.assert_close(swa.mean[0], torch.full((1, 2), 3.0))
     assert apply_final_weights(model, ema, swa) == "SWA mean of 3 EMA snapshots"
-    assert torch.all(model.weight == 3.0)  # trap 4: really applied
+    assert torch.all(model.weight == 3.0)  # really applied, not only collected
     assert apply_final_weights(model, ema, SWA()) == "EMA (decay 0.9)" and torch.allclose(model.weight, ema.shadow[0])
     assert apply_final_weights(model, None, None) == "raw weights of the last step"
 
 
 def test_late_qat_is_straight_through_fake_quantisation():
+    """The forward uses the rounded weight (SDClip int6, computed here by hand), the backward passes
+    the gradient to the float weight unchanged."""
     torch.manual_seed(0)
     lin = QATLinear(16, 8)
     x = torch.randn(4, 16)
     plain = lin(x)
-    lin.qat_bits, lin.qat_sigmas = 6, 0.0
+    lin.qat = QuantSpec(6, "sdclip", 12.85)
     out = lin(x)
     w = lin.weight.detach()
-    scale = (w.abs().amax(dim=1) / 31)[:, None]
+    scale = (12.85 * w.std(dim=1) / 31).half().float()[:, None]
     wq = torch.clamp(torch.round(w / scale), -31, 31) * scale
     torch.testing.assert_close(out, x @ wq.T)
     assert not torch.allclose(out, plain)
@@ -187,16 +190,40 @@ def test_late_qat_is_straight_through_fake_quantisation():
     torch.testing.assert_close(lin.weight.grad, torch.ones(4, 8).T @ x)
 
 
+@pytest.mark.parametrize("bits, clip", [(6, "sdclip"), (6, "percentile"), (8, "quantile"), (5, "sdclip")])
+def test_late_qat_trains_against_the_artifacts_grid(bits, clip):
+    """For the same weights and scheme, the weight a QAT forward uses is exactly the weight the
+    artifact stores (dequantised), and QAT covers exactly the matrices the artifact rounds."""
+    from test_arch import make, randomize
+
+    model = randomize(make({"MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MATRIX_BITS": str(bits),
+                            "QUANT_CLIP": clip, "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "512"}))
+    args = model.args
+    stored = dequantize_state_dict(quantize_state_dict(model.state_dict(), args))
+    quantised = set(quantize_state_dict(model.state_dict(), args)["q"])
+    message = LateQAT(args).set(model, True)
+    seen = set()
+    for name, m in model.named_modules():
+        if isinstance(m, QATLinear) and m.qat is not None:
+            seen.add(f"{name}.weight")
+            assert torch.equal(fake_quantize(m.weight, m.qat), stored[f"{name}.weight"]), name
+            x = torch.randn(3, m.in_features)
+            torch.testing.assert_close(m(x), x @ stored[f"{name}.weight"].T, rtol=0, atol=1e-5)
+    assert seen == quantised - {"tok_emb.weight"} and "bigram.proj.weight" in seen  # the embedding is no QATLinear
+    assert message == f"int{bits} fake quantisation in {len(seen)} matrices"
+
+
 def test_late_qat_switch_changes_the_compiled_forward():
     from conftest import counting_compile
     from test_arch import make, randomize, tokens
 
     compiles = []
-    model = randomize(make({"MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"}))
+    model = randomize(make({"MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MATRIX_BITS": "6"}))
     compiled = counting_compile(model, compiles)
     x = tokens()
     before = [compiled(x, x) for _ in range(2)]
-    assert model.set_qat(6, 12.85, 65536) == 2 * 4  # mlp.fc and mlp.proj of 4 layers exceed 65,536
+    # mlp.fc and mlp.proj of 4 layers exceed 65,536 elements
+    assert LateQAT(model.args).set(model, True) == "int6 fake quantisation in 8 matrices"
     after = [compiled(x, x) for _ in range(2)]
     assert len(compiles) == 2 and not torch.allclose(before[0], after[0])
     torch._dynamo.reset()
@@ -270,28 +297,32 @@ def test_parallel_muon_continues_after_load_state_dict():
 
 def test_compile_warmup_compiles_every_graph_the_run_uses(tiny_data):
     """After the warm-up, the run's real batches in every state it switches to (recurrence on, late
-    QAT on) must reuse the warm-up's graphs: no recompilation inside the timed budget (trap 14)."""
+    QAT on) must reuse the warm-up's graphs: no recompilation inside the timed budget (a public
+    record lost training time so)."""
     from conftest import TINY_VOCAB, counting_compile
-    from train_gpt import (CPU_RUNTIME_FOR_TESTS as rt, GPT, PASSTHROUGH_MAX_ELEMENTS, DistributedTokenLoader,
-                           batch_split, check_train_shards, compile_warmup, qat_sigmas, training_step)
+    from train_gpt import (CPU_RUNTIME_FOR_TESTS, GPT, Context, DistributedTokenLoader, batch_split,
+                           check_train_shards, compile_warmup, run_switches, training_step)
 
     args = Hyperparameters.from_env({
-        "PRESET": "smoke", "VOCAB_SIZE": str(TINY_VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "2",
+        "PRESET": "smoke", "VOCAB_SIZE": str(TINY_VOCAB), "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "2",
         "NUM_KV_HEADS": "1", "LOOP_START": "0", "LOOP_END": "1", "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "256",
         "COMPILE_WARMUP_STEPS": "4", "LATE_QAT_THRESHOLD": "0.15"})
+    ctx = Context(args, CPU_RUNTIME_FOR_TESTS)
     torch.manual_seed(0)
     raw = GPT(args)
-    optimizers = build_optimizers(raw, args, rt.device)
+    optimizers = build_optimizers(raw, args, ctx.rt.device)
     compiles = []
     model = counting_compile(raw, compiles)
-    accum, local = batch_split(args, rt)
-    compile_warmup(model, raw, optimizers, args, rt, accum, local, log=lambda *a, **k: None)
+    accum, local = batch_split(ctx)
+    switches = run_switches(args)
+    assert [s.name for s in switches] == ["looping", "late_qat"]
+    compile_warmup(model, raw, optimizers, switches, ctx, accum, local)
     warmed = len(compiles)
-    assert warmed >= 2  # at least the plain and the looped order
-    loader = DistributedTokenLoader(check_train_shards(str(tiny_data)), TINY_VOCAB, 0, 1, rt.device)
+    assert warmed == 4  # plain, looped, plain with QAT, looped with QAT
+    loader = DistributedTokenLoader(check_train_shards(str(tiny_data)), TINY_VOCAB, 0, 1, ctx.rt.device)
     for looping, qat in ((False, False), (True, False), (True, True)):
-        raw.looping = looping
-        raw.set_qat(args.matrix_bits if qat else 0, qat_sigmas(args), PASSTHROUGH_MAX_ELEMENTS)
+        switches[0].set(raw, looping)
+        switches[1].set(raw, qat)
         batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
-        training_step(model, optimizers, batches, args, rt, accum)
+        training_step(model, optimizers, batches, ctx, accum)
     assert len(compiles) == warmed

@@ -1,5 +1,5 @@
-"""The seed presets (SPEC section 7): each turns on what its seed lists (checked against values
-written out here from the SPEC table, not read from PRESETS), each fits the 16,000,000-byte cap at
+"""The seed presets: each turns on what its seed lists (checked against values written out here
+from the seeds, not read from PRESETS), each fits the 16,000,000-byte cap at
 full size, and each runs end to end at tiny dimensions with its features on."""
 
 import re
@@ -15,11 +15,11 @@ from train_gpt import CAP_BYTES, PRESETS, Hyperparameters
 SEED_PRESETS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754")
 FULL_SIZE = (*SEED_PRESETS, "baseline")
 
-# SPEC section 7, row by row (the reference values every preset must carry).
+# Seed by seed (the values every preset must carry).
 COMMON = dict(NUM_LAYERS=11, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048,
               TRAIN_BATCH_TOKENS=786432, LOGIT_SOFTCAP=30.0, TIE_EMBEDDINGS=True, ROPE_DIMS=16, LN_SCALE=True,
               EVAL_STRIDE=64, TTT_ENABLED=True)
-SPEC_TABLE = {
+SEED_TABLE = {
     "pr2005": dict(VOCAB_SIZE=8192, MLP_MULT=4, MLP_ACT="leaky2", LOOP_START=3, LOOP_END=5, NUM_LOOPS=2,
                    ENABLE_LOOPING_AT=0.35, UNET_SKIPS=True, SKIP_GATES=True, XSA_LAST_N=11, GATED_ATTN="headwise",
                    MUON_ROW_NORMALIZE=True, MUON_WD=0.095, MATRIX_LR=0.022, ADAM_WD=0.02, EMBED_WD=0.02,
@@ -65,7 +65,7 @@ def test_default_preset_is_pr2005():
 @pytest.mark.parametrize("name", SEED_PRESETS)
 def test_preset_matches_the_spec_table(name):
     values = Hyperparameters.from_env({"PRESET": name}).as_dict()
-    expected = {**COMMON, **SPEC_TABLE[name]}
+    expected = {**COMMON, **SEED_TABLE[name]}
     assert {k: values[k] for k in expected} == expected
     assert values["DATA_PATH"].endswith(f"fineweb10B_sp{values['VOCAB_SIZE']}")
     assert values["TOKENIZER_PATH"].endswith(f"fineweb_{values['VOCAB_SIZE']}_bpe.model")

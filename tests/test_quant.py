@@ -1,4 +1,4 @@
-"""Quantisation and the artifact (SPEC section 4): row scales against brute force and torch, GPTQ
+"""Quantisation and the artifact: row scales against brute force and torch, GPTQ
 against plain rounding on a trained model's activations, an exact round trip for every scheme,
 compressor and byte shuffle, one clear error for bad files, SIZE_CHECK and the self-extracting copy."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, tiny_env
-from train_gpt import (ARTIFACT_HEADER, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, GPTQ_DAMPS, PERCENTILE_CANDIDATES,
+from train_gpt import (ARTIFACT_HEADER, ARTIFACT_VERSION, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, Context, GPTQ_DAMPS, PERCENTILE_CANDIDATES,
                        ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
                        build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
                        gptq_round, pack_artifact, quant_spec_for, quantize_state_dict, round_to_grid, row_quantiles,
@@ -67,7 +67,7 @@ def test_gptq_falls_back_on_cholesky_failure():
 
 
 def test_gptq_raises_the_damping_before_giving_up():
-    """A Hessian with one eigenvalue -0.05 and fifteen 1 (mean diagonal 0.93): SPEC's 1% damping
+    """A Hessian with one eigenvalue -0.05 and fifteen 1 (mean diagonal 0.93): the first 1% damping
     leaves it indefinite, 10% makes it positive definite."""
     torch.manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(16, 16))
@@ -145,7 +145,7 @@ def trained_tiny(tiny_data):
     optimizers = build_optimizers(model, args, CPU.device)
     loader = DistributedTokenLoader(shard_files(str(tiny_data), "train"), 320, 0, 1, "cpu")
     for _ in range(60):
-        training_step(model, optimizers, [loader.next_batch(4096, 64)], args, CPU, 1)
+        training_step(model, optimizers, [loader.next_batch(4096, 64)], Context(args, CPU), 1)
     hessians = collect_hessians(model, [loader.next_batch(4096, 64)[0] for _ in range(4)], CPU)
     return model, hessians
 
@@ -223,8 +223,8 @@ def test_bad_artifacts_give_one_clear_error():
         (bytes(flipped), "CRC32"),
         (b"PK\x03\x04 a zip file" + blob, "bad magic"),
         (bytes(future), "version 99"),
-        (ARTIFACT_HEADER.pack(b"PGLF", 2, 0, 0, len(junk), zlib.crc32(junk)) + junk, "cannot be decoded"),
-        (ARTIFACT_HEADER.pack(b"PGLF", 2, 9, 0, len(junk), zlib.crc32(junk)) + junk, "unknown compressor"),
+        (ARTIFACT_HEADER.pack(b"PGLF", ARTIFACT_VERSION, 0, 0, len(junk), zlib.crc32(junk)) + junk, "cannot be decoded"),
+        (ARTIFACT_HEADER.pack(b"PGLF", ARTIFACT_VERSION, 9, 0, len(junk), zlib.crc32(junk)) + junk, "unknown compressor"),
     ]
     for data, words in cases:
         with pytest.raises(ArtifactError, match=words) as e:

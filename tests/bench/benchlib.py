@@ -34,13 +34,13 @@ class Trainer:
     """A model, its optimizers and EMA, stepping exactly as train() does (training_step + EMA)."""
 
     def __init__(self, args: tg.Hyperparameters, rt: tg.Runtime, compile_model: bool = False, seed: int = 0):
-        self.args, self.rt = args, rt
+        self.args, self.rt, self.ctx = args, rt, tg.Context(args, rt)
         torch.manual_seed(seed)
         self.raw = tg.GPT(args, rt.attn_backend).to(rt.device)
         self.optimizers = tg.build_optimizers(self.raw, args, rt.device)
         self.model = torch.compile(self.raw, dynamic=False) if compile_model else self.raw
         self.ema = tg.EMA(self.raw, args.ema_decay) if args.ema_decay > 0 else None
-        self.accum, self.local = tg.batch_split(args, rt)
+        self.accum, self.local = tg.batch_split(self.ctx)
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens_per_step = args.train_batch_tokens
 
@@ -59,7 +59,7 @@ class Trainer:
         self.rt.sync()
         t0 = time.perf_counter()
         for b in batches:
-            tg.training_step(self.model, self.optimizers, b, self.args, self.rt, self.accum)
+            tg.training_step(self.model, self.optimizers, b, self.ctx, self.accum)
             if self.ema is not None:
                 self.ema.update(self.raw)
         self.rt.sync()
@@ -72,6 +72,10 @@ def synthetic_tables(vocab_size: int, device) -> tg.ByteTables:
                          torch.zeros(vocab_size, dtype=torch.bool)).to(device)
 
 
+def first_tokens(val: tg.ValidationSet, n: int) -> tg.ValidationSet:
+    return tg.ValidationSet(val.tokens[:n], val.tables)
+
+
 def eval_throughput(raw: tg.GPT, args: tg.Hyperparameters, rt: tg.Runtime, n_tokens: int,
                     ttt_tokens: int | None = None) -> dict:
     """Tokens per second of the sliding window (n_tokens) and of score-first TTT (the first ttt_tokens,
@@ -79,20 +83,21 @@ def eval_throughput(raw: tg.GPT, args: tg.Hyperparameters, rt: tg.Runtime, n_tok
     gen = torch.Generator().manual_seed(1)
     val = torch.randint(0, args.vocab_size, (n_tokens + 1,), generator=gen)
     val[0] = tg.BOS_ID
-    tables = synthetic_tables(args.vocab_size, rt.device)
+    val = tg.ValidationSet(val, synthetic_tables(args.vocab_size, rt.device))
+    ctx = tg.Context(args, rt)
     model = tg.compile_for_scoring(copy.deepcopy(raw), rt)  # as score_artifact scores the artifact's model
     model.looping = args.num_loops > 0
     out = {}
     if rt.compile:  # compile the scoring and TTT graphs first (counted apart: the run compiles them once)
         t0 = time.perf_counter()
-        tg.evaluate(model, val, tables, args, rt)
+        tg.evaluate(model, val, ctx)
         if args.ttt_enabled:
-            tg.evaluate_ttt(model, val[:2 * args.ttt_chunk_tokens + 1], tables, args, rt)
+            tg.evaluate_ttt(model, first_tokens(val, 2 * args.ttt_chunk_tokens + 1), ctx)
         out["compile_seconds"] = time.perf_counter() - t0
-    r = tg.evaluate(model, val, tables, args, rt, stride=args.eval_stride)
+    r = tg.evaluate(model, val, ctx, stride=args.eval_stride)
     out["sliding_tokens_per_s"] = r.tokens / r.seconds
     if args.ttt_enabled:
-        r, _ = tg.evaluate_ttt(model, val[:(ttt_tokens or n_tokens) + 1], tables, args, rt)
+        r, _ = tg.evaluate_ttt(model, first_tokens(val, (ttt_tokens or n_tokens) + 1), ctx)
         out["ttt_tokens_per_s"] = r.tokens / r.seconds
     return out
 

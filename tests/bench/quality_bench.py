@@ -6,7 +6,7 @@ optimiser, quantisation and evaluation, under torchrun with 2 processes. Not col
     python tests/bench/quality_bench.py --seconds 60 --seeds 1337 42
     python tests/bench/quality_bench.py --quick               # tiny, seconds (the tests run this)
 
-"Baseline architecture" = the smoke preset with every SPEC section 2 feature switched back to the
+"Baseline architecture" = the smoke preset with every architecture feature switched back to the
 naive baseline's (relu2, QK gain 1.5, full RoPE, no LN scale, XSA, gates, gated skips or
 recurrence), at the same size (MLP width included).
 The runs alternate (stack, baseline, stack, ...) so that both see the same machine load. Prints a

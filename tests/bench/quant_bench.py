@@ -54,7 +54,7 @@ def quant_gaps(data: Path, env: dict, train_seconds: float) -> list[dict]:
     rt = tg.Runtime(**{**cpu.__dict__, "autocast_dtype": torch.bfloat16 if tg.cpu_supports_bf16() else None})
     args = tg.Hyperparameters.from_env({"PRESET": "smoke", "DATA_PATH": str(data),
                                         "TOKENIZER_PATH": str(data / "tokenizer.model"), "GRAD_ACCUM_STEPS": "1", **env})
-    tables = tg.build_byte_tables(tg.load_tokenizer(args.tokenizer_path, args.vocab_size))
+    ctx = tg.Context(args, rt)
     val = tg.load_validation(args)
     torch.manual_seed(args.seed)
     model = tg.GPT(args)
@@ -63,25 +63,24 @@ def quant_gaps(data: Path, env: dict, train_seconds: float) -> list[dict]:
     t0, step = time.perf_counter(), 0
     while time.perf_counter() - t0 < train_seconds:
         tg.apply_schedule(optimizers, step, time.perf_counter() - t0,
-                          tg.dataclasses.replace(args, max_wallclock_seconds=train_seconds))
-        tg.training_step(model, optimizers, [loader.next_batch(args.train_batch_tokens, args.train_seq_len)],
-                         args, rt, 1)
+                          args.replace("benchmark", max_wallclock_seconds=train_seconds, gptq_reserve_seconds=0.0))
+        tg.training_step(model, optimizers, [loader.next_batch(args.train_batch_tokens, args.train_seq_len)], ctx, 1)
         step += 1
-    before = tg.evaluate(model, val, tables, args, rt).val_bpb
+    before = tg.evaluate(model, val, ctx).val_bpb
     print(f"  smoke model: {step} steps in {train_seconds:g}s, val_bpb {before:.4f} before quantisation", flush=True)
     tg.PASSTHROUGH_MAX_ELEMENTS = 4096  # see the docstring: quantise every matrix of this small model
-    hessians = tg.collect_hessians(model, tg.training_calibration_batches(loader, args, rt, args.train_batch_tokens), rt)
+    hessians = tg.collect_hessians(model, tg.training_calibration_batches(loader, ctx, args.train_batch_tokens), rt)
     rows = []
     for label, over, h in (("int8 quantile", dict(MATRIX_BITS="8", EMBED_BITS="8", QUANT_CLIP="quantile"), None),
                            ("int6 round (sdclip)", dict(MATRIX_BITS="6", EMBED_BITS="8", QUANT_CLIP="sdclip"), None),
                            ("int6 GPTQ (sdclip)", dict(MATRIX_BITS="6", EMBED_BITS="8", QUANT_CLIP="sdclip"), hessians)):
-        qargs = tg.dataclasses.replace(args, **{k.lower(): type(getattr(args, k.lower()))(v) if k != "QUANT_CLIP" else v
-                                               for k, v in over.items()})
+        qargs = args.replace("benchmark", **{k.lower(): type(getattr(args, k.lower()))(v) if k != "QUANT_CLIP" else v
+                                             for k, v in over.items()})
         blob = tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), qargs, h), tg.architecture_of(qargs),
                                 "brotli", -1, True)
         q = tg.GPT(qargs)
         q.load_state_dict(tg.dequantize_state_dict(tg.unpack_artifact(blob)[1]))
-        after = tg.evaluate(q, val, tables, qargs, rt).val_bpb
+        after = tg.evaluate(q, val, tg.Context(qargs, rt)).val_bpb
         rows.append(dict(scheme=label, val_bpb_before=round(before, 5), val_bpb_after=round(after, 5),
                          gap=round(after - before, 5), bytes=len(blob)))
         print(f"  {label:22s} gap {after - before:+.4f} ({before:.4f} -> {after:.4f}), {len(blob):,d} bytes", flush=True)

@@ -4,8 +4,8 @@ collected by pytest.
     python tests/bench/skip_merge_bench.py          # one GPU: about 2 minutes, mostly compiling
     python tests/bench/skip_merge_bench.py --dry    # CPU, tiny sizes, eager (the tests run this)
 
-SPEC writes the merge g*x + (1-g)*(w*skip); GPT.merge_skip computes g*x + ((1-g)*w)*skip, the same
-values. With the SPEC's grouping the backward needs four sums over the tokens for w and g, and
+The merge is usually written g*x + (1-g)*(w*skip); GPT.merge_skip computes g*x + ((1-g)*w)*skip, the same
+values. With the written grouping the backward needs four sums over the tokens for w and g, and
 Inductor fused them with the RMS-norm backward into one kernel per skip that ran ~10x slower than
 its neighbours; the per-channel factor formed first leaves two. Times the compiled training step of
 pr2005 at full size (plain 11-layer order, the per-GPU batch of an 8-GPU run) with each grouping in
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     current = tg.GPT.merge_skip
     rows, results = [], {}
     try:
-        for label, merge in (("SPEC grouping (1-g)*(w*skip)", spec_grouping), ("current ((1-g)*w)*skip", current)):
+        for label, merge in (("written grouping (1-g)*(w*skip)", spec_grouping), ("current ((1-g)*w)*skip", current)):
             torch._dynamo.reset()
             tg.GPT.merge_skip = merge
             args = hyperparameters(env)
