@@ -129,6 +129,18 @@ def arch(default, help: str, **limits):
     return knob(default, help, shapes_model=True, **limits)
 
 
+# Variables of earlier versions: setting one is an error that names its replacement, never a
+# silently ignored setting.
+RENAMED_VARIABLES = {
+    "QUANT_CLIP": "MATRIX_CLIP and EMBED_CLIP (QUANT_CLIP=percentile is now MATRIX_CLIP=search)",
+    "ATTN_RES_BLOCK_SIZE": "ATTN_RES_BLOCKS, the number of blocks (not layers per block)",
+}
+CLIP_RULES = ("quantile", "rowmax", "search", "search_tensor", "sdclip")
+CLIP_HELP = ("quantile = the 0.9999984 quantile of |w|; rowmax = max |w|; search = per row, the quantile of "
+             "0.999..1 with the least error; search_tensor = one such quantile per tensor, rows rounded "
+             "unclipped; sdclip = k * std(row)")
+
+
 @dataclass
 class Hyperparameters:
     # --- run and outputs
@@ -151,16 +163,18 @@ class Hyperparameters:
     tie_embeddings: bool = arch(True, "output head = token embedding")
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding", lo=0.0)
     logit_softcap: float = arch(30.0, "logits = c*tanh(z/c); 0 = off", lo=0.0)
-    rope_base: float = arch(10000.0, "RoPE base (never rescaled with the sequence length)", lo=1.0)
+    rope_base: float = arch(10000.0, "RoPE base, the same at every sequence length", lo=1.0)
     qk_gain_init: float = knob(1.5, "initial per-head gain on q after QK-norm and RoPE", lo=0.0)
     unet_skips: bool = arch(True, "first half of the layers feeds the second half, weighted per dim")
     # --- architecture features, each off unless a preset turns it on
     rope_dims: int = arch(0, "rotate only the first N dims of each head (partial RoPE); 0 = all", lo=0)
-    ln_scale: bool = arch(False, "scale each block's normalised inputs by 1/sqrt(i+1), i = virtual depth")
+    ln_scale: bool = arch(False, "scale block i's normalised inputs by 1/sqrt(i+1), i = its physical index "
+                          "(a repeated block keeps its own)")
     xsa_last_n: int = arch(0, "exclusive self-attention in the last N physical layers; 0 = off, "
                            ">= NUM_LAYERS = all", lo=0)
-    gated_attn: str = arch("0", "sigmoid gate per head: 1 = from the block input, headwise = from the "
-                           "head's own output after XSA", choices=("0", "1", "headwise"))
+    gated_attn: str = arch("0", "sigmoid gate per head from the block's normalised input: 1 = its own "
+                           "linear map with a bias; headwise = one extra output row of c_q per head",
+                           choices=("0", "1", "headwise"))
     value_residual: bool = arch(False, "layers after the first mix in layer 0's values: v = l0*v0 + l1*v")
     ve_enabled: bool = arch(False, "value embeddings: a shared table added to v in VE_LAYERS")
     ve_dim: int = arch(128, "width of the value-embedding table", lo=1)
@@ -172,23 +186,33 @@ class Hyperparameters:
     leaky_slope: float = arch(0.5, "negative slope of leaky2", lo=0.0, hi=1.0)
     skip_gates: bool = arch(False, "U-Net skips blend x = g*x + (1-g)*(w*skip), g = sigmoid(gate)")
     num_loops: int = arch(0, "depth recurrence: extra passes over layers LOOP_START..LOOP_END", lo=0, hi=8)
+    loop_mode: str = arch("span", "span = the whole span repeats in sequence; layer = each layer of the span "
+                          "repeats in place, the extra passes blended in by a learned gate from 0",
+                          choices=("span", "layer"))
     loop_start: int = arch(3, "first physical layer of the recurrent span", lo=0)
     loop_end: int = arch(5, "last physical layer of the recurrent span (inclusive)", lo=0)
     enable_looping_at: float = knob(0.35, "fraction of the training budget after which looping is on", lo=0.0, hi=1.0)
     parallel_residual_start: int = arch(-1, "from this physical layer on, attention and MLP read the same "
                                         "input; -1 = off", lo=-1)
-    attn_res: bool = arch(False, "block attention residuals: route each layer's input over detached "
-                          "block-boundary states")
-    attn_res_block_size: int = arch(2, "layers per block of the attention-residual source bank", lo=1)
+    parallel_residual_gate: bool = arch(False, "parallel blocks add g*attention + (1-g)*MLP, g learned from 0.5")
+    attn_res: bool = arch(False, "block attention residuals: layers after the first block boundary route "
+                          "their input over the detached embedding and block-boundary states")
+    attn_res_blocks: int = arch(2, "blocks of ceil(NUM_LAYERS / ATTN_RES_BLOCKS) layers; their boundaries are "
+                                "the routing sources", lo=2)
     attn_res_mix: float = arch(0.25, "input = (1-mix)*x + mix*routed", lo=0.0, hi=1.0)
-    attn_res_temp: float = arch(1.1, "softmax temperature of the routing", lo=1e-3)
+    attn_res_temp: float = arch(1.1, "routing logits are q.rmsnorm(source) / (sqrt(MODEL_DIM) * temp)", lo=1e-3)
     ortho_init: bool = knob(False, "orthogonal init of block and projection matrices; output projections zero")
+    bigram_proj_muon: bool = knob(False, "BigramHash's projection trains with Muon like a block matrix, "
+                                  "initialised orthogonal / sqrt(2 * NUM_LAYERS)")
     # --- training length and batch
     iterations: int = knob(20000, "maximum optimizer steps", lo=1)
     max_wallclock_seconds: float = knob(600.0, "training-time cap in seconds; 0 = no cap", lo=0.0)
     train_batch_tokens: int = knob(786432, "global batch in tokens (independent of the world size)", lo=1)
     train_seq_len: int = knob(2048, "training sequence length", lo=2)
     grad_accum_steps: int = knob(0, "micro-steps per step; 0 = 8 // WORLD_SIZE", lo=0)
+    train_loader: str = knob("stream", "stream = every rank slices one sequential token stream; shuffled = "
+                             "random non-overlapping sequences, each share of the batch from its own shards",
+                             choices=("stream", "shuffled"))
     compile_warmup_steps: int = knob(20, "compile warm-up steps on random tokens, then undone", lo=0)
     # --- optimisation
     matrix_lr: float = knob(0.04, "Muon learning rate for block matrices", lo=0.0)
@@ -207,15 +231,19 @@ class Hyperparameters:
     warmdown_iters: int = knob(1200, "linear warm-down over the last N steps (wall-clock aware)", lo=0)
     warmdown_frac: float = knob(0.0, "if > 0: warm down over this fraction of the budget instead", lo=0.0, hi=1.0)
     min_lr: float = knob(0.0, "learning-rate multiplier reached at the end of the warm-down", lo=0.0, hi=1.0)
-    grad_clip_norm: float = knob(0.0, "clip the averaged gradient's global norm; 0 = off", lo=0.0)
+    grad_clip_norm: float = knob(0.0, "clip the gradient's global norm; 0 = off", lo=0.0)
+    grad_clip_scope: str = knob("batch", "batch = clip the averaged gradient; share = clip each micro-batch's "
+                                "gradient (one GPU's share on 8 GPUs) before averaging", choices=("batch", "share"))
     adam_wd: float = knob(0.0, "AdamW decoupled weight decay of scales, gains, gates (scalar group)", lo=0.0)
     embed_wd: float = knob(0.0, "AdamW decoupled weight decay of embedding tables and an untied head", lo=0.0)
     muon_wd: float = knob(0.0, "Muon decoupled weight decay: W *= 1 - lr*MUON_WD", lo=0.0)
     muon_row_normalize: bool = knob(False, "MuonEq-R: divide every row of the update by its L2 norm before NS")
+    muon_grad_normalize: bool = knob(False, "divide each matrix's gradient by its Frobenius norm before the momentum")
     parallel_muon: bool = knob(False, "banked Muon: reduce-scatter, batched NS on each rank's slice, "
                                "all-gather; no DDP for the banks")
     ema_decay: float = knob(0.0, "float32 EMA of the weights, used after training; 0 = off", lo=0.0, hi=1.0)
-    swa_every: int = knob(0, "average a snapshot every N steps once the LR multiplier < SWA_START_SCALE; 0 = off", lo=0)
+    swa_every: int = knob(0, "average the weights every N steps once the LR multiplier < SWA_START_SCALE; "
+                          "with EMA the final weights are the mean of the two; 0 = off", lo=0)
     swa_start_scale: float = knob(0.2, "LR multiplier below which SWA collects snapshots", lo=0.0, hi=1.0)
     late_qat_threshold: float = knob(0.0, "once the LR multiplier < this, quantised matrices train with "
                                      "straight-through fake quantisation; 0 = off", lo=0.0, hi=1.0)
@@ -227,18 +255,24 @@ class Hyperparameters:
     ttt_enabled: bool = knob(False, "score-first test-time training stage: score a chunk, then train on it")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: score it, then train on it", lo=1)
     ttt_epochs: int = knob(3, "passes over each chunk", lo=1)
-    ttt_lr: float = knob(0.002, "TTT SGD learning rate at the first chunk (cosine decay over chunks)", lo=0.0)
+    ttt_lr: float = knob(0.002, "TTT SGD learning rate (cosine decay over the chunks)", lo=0.0)
+    ttt_warmup_frac: float = knob(0.0, "linear TTT learning-rate warm-up over this fraction of the chunks", lo=0.0, hi=1.0)
     ttt_momentum: float = knob(0.9, "TTT SGD momentum, kept across chunks", lo=0.0, hi=1.0)
     ttt_grad_clip: float = knob(1.0, "TTT gradient clip (global norm); 0 = off", lo=0.0)
     ttt_freeze_blocks: int = knob(0, "the first N blocks are not trained by TTT", lo=0)
+    ttt_freeze_matrices: bool = knob(True, "frozen blocks keep their matrices too; 0 = only their scales and gains")
     ttt_batch_seqs: int = knob(32, "TTT sequences (of EVAL_SEQ_LEN) per step, over all ranks", lo=1)
     val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", lo=0)
     train_log_every: int = knob(200, "log the training loss every N steps (and the first 10)", lo=1)
     # --- artifact
     matrix_bits: int = knob(8, "bits per weight of attention and MLP matrices (6 = int6)", lo=2, hi=8)
-    embed_bits: int = knob(8, "bits per weight of the embedding and an untied head", lo=2, hi=8)
-    quant_clip: str = knob("quantile", "row scale: fixed quantile (baseline), percentile search, or SDClip",
-                           choices=("quantile", "percentile", "sdclip"))
+    embed_bits: int = knob(8, "bits per weight of the embedding and an untied head; 16 = stored bf16", lo=2, hi=16)
+    matrix_clip: str = knob("quantile", "clip of each row of a matrix: " + CLIP_HELP, choices=CLIP_RULES)
+    embed_clip: str = knob("quantile", "clip of each row of the embedding: " + CLIP_HELP, choices=CLIP_RULES)
+    quant_scale_floor: bool = knob(False, "no row scale below 1/qmax: small rows then share one fixed step")
+    tables_storage: str = knob("matrix", "BigramHash and value-embedding tables are rounded as matrices or "
+                               "as embeddings", choices=("matrix", "embed"))
+    control_fp32: bool = knob(True, "store the per-channel scales, mixes, gains and gates fp32 (0 = fp16)")
     matrix_clip_sigmas: float = knob(12.85, "SDClip k for matrices: scale = k * std(row) / qmax", lo=0.0)
     embed_clip_sigmas: float = knob(20.0, "SDClip k for the embedding", lo=0.0)
     gptq: bool = knob(False, "full-Hessian GPTQ rounding of every quantised matrix")
@@ -248,13 +282,20 @@ class Hyperparameters:
                            choices=("train", "selfgen"))
     gptq_calib_seqs: int = knob(64, "calibration sequences over all ranks", lo=1)
     gptq_selfgen_len: int = knob(512, "length of each self-generated calibration sequence", lo=2)
+    gptq_damp: float = knob(0.01, "GPTQ damping: this fraction of the Hessian's mean diagonal (x10, x100 on failure)",
+                            lo=1e-6)
     gptq_reserve_seconds: float = knob(0.0, "seconds of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration", lo=0.0)
     compressor: str = knob("zlib", "artifact compressor", choices=("zlib", "zstd", "brotli", "lzma"))
-    compress_level: int = knob(-1, "compressor level; -1 = the compressor's maximum", lo=-1, hi=22)
+    compress_level: int = knob(-1, "compressor level; -1 = the compressor's maximum (lzma: preset 9, "
+                               "not EXTREME, as PR #1696 packed)", lo=-1, hi=22)
     byte_shuffle: bool = knob(False, "compress bytes at even offsets, then odd ones")
     self_extract: bool = knob(False, "ship (and count) an lzma+base85 self-extracting copy of this script")
     size_check: bool = knob(False, "quantise and pack random (or given) weights, print the bytes, exit")
     size_check_from: str = knob("", "SIZE_CHECK with the weights of this artifact or state-dict checkpoint")
+    size_check_std: float = knob(0.02, "SIZE_CHECK's stand-in weights have this std (it matters only with "
+                                 "QUANT_SCALE_FLOOR: the other rules are scale-invariant)", lo=1e-6)
+    size_check_tail: float = knob(0.0, "SIZE_CHECK's stand-in weights: 0 = normal; > 2 = Student-t with this many "
+                                  "degrees of freedom (heavier tails: fewer distinct integers under SDClip)", lo=0.0)
     # --- device
     device: str = knob("auto", "auto = CUDA when available, else CPU", choices=("auto", "cuda", "cpu"))
     autocast: str = knob("auto", "bf16 autocast: auto = on CUDA and on CPUs with bf16", choices=("auto", "bf16", "off"))
@@ -275,6 +316,9 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Hyperparameters":
         knobs = {f.name.upper(): f for f in cls.knobs()}
+        for old, new in RENAMED_VARIABLES.items():
+            if old in env:
+                raise ConfigError(f"{old} is no longer read: it was replaced by {new}")
         preset = env.get("PRESET", knobs["PRESET"].default).strip()
         if preset not in PRESETS:
             raise ConfigError(f"PRESET={preset!r} is not a preset; choose one of: {', '.join(PRESETS)}")
@@ -341,6 +385,19 @@ class Hyperparameters:
                               f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g}")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 needs ARTIFACT=path/to/model.ptz")
+        if self.attn_res and self.num_loops:
+            raise ConfigError("ATTN_RES=1 and NUM_LOOPS>0 cannot be combined (the routing sources are defined "
+                              "over physical layers); turn one off")
+        if self.parallel_residual_gate and self.parallel_residual_start < 0:
+            raise ConfigError("PARALLEL_RESIDUAL_GATE=1 gates parallel blocks, and PARALLEL_RESIDUAL_START=-1 makes "
+                              "none: set PARALLEL_RESIDUAL_START to a layer, or PARALLEL_RESIDUAL_GATE=0")
+        if self.bigram_proj_muon and not self.bigram_vocab_size:
+            raise ConfigError("BIGRAM_PROJ_MUON=1 needs BigramHash (BIGRAM_VOCAB_SIZE > 0), or set BIGRAM_PROJ_MUON=0")
+        if 0 < self.size_check_tail <= 2:
+            raise ConfigError(f"SIZE_CHECK_TAIL={self.size_check_tail:g}: a Student-t needs more than 2 degrees of "
+                              "freedom for a finite std (0 = normal)")
+        if 8 < self.embed_bits < 16:
+            raise ConfigError(f"EMBED_BITS={self.embed_bits}: use 2..8 bits, or 16 to store the embedding bf16")
 
     @property
     def ve_layer_list(self) -> list[int]:
@@ -435,92 +492,96 @@ def unknown_variable_warnings(env: Mapping[str, str], knobs: Mapping) -> list[st
 
 
 # Each preset is a set of defaults; variables not listed keep the field defaults above. The five
-# seed presets reproduce public records of the challenge; records/<preset>/README.md
-# gives each one's source, launch command, reported result and the choices made where its document
-# is silent (marked "choice" below).
+# seed presets are the systems of public records exactly as their own code ran them (the code
+# decides where a record's README summarises it differently); records/<preset>/README.md has the
+# fidelity table: every setting with its source in that code or log, ours, and each departure's reason.
 SP1024 = dict(data_path="./data/datasets/fineweb10B_sp1024", tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
               vocab_size=1024)
 SP8192 = dict(data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
               vocab_size=8192)
-# What the seed systems share (reference shape, 2048-token sequences, batch 786,432, 600 s cap,
-# partial RoPE 16, LN scale, sliding stride 64, gradient clip 0.3, Muon momentum 0.92 -> 0.99 over
-# 1500 steps, TTT momentum 0.9 and clip 1.0). Choice: every seed preset ships
-# the self-extracting copy of the script (counted code bytes ~46 KB instead of ~135 KB).
+# What the five records share: the reference shape, 2048-token sequences, batch 786,432, a 600 s cap,
+# partial RoPE 16, LN scale, orthogonal init, gradient clip 0.3, Muon momentum 0.92 -> 0.99 over
+# 1500 steps, sliding stride 64, TTT SGD momentum 0.9 with clip 1.0 (pr1658 scores without TTT). Choice: every seed preset ships
+# the self-extracting copy of this script (about a third of its size counted); the records counted
+# their own plain source (50-115 KB).
 SEED_COMMON = dict(
     num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, train_seq_len=2048, eval_seq_len=2048,
-    train_batch_tokens=786432, max_wallclock_seconds=600.0, rope_dims=16, ln_scale=True,
+    train_batch_tokens=786432, max_wallclock_seconds=600.0, rope_dims=16, ln_scale=True, ortho_init=True,
     grad_clip_norm=0.3, muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
-    tied_embed_lr=0.035,  # choice: only pr1232 names it; the others use the same
     eval_stride=64, ttt_enabled=True, ttt_epochs=3, ttt_momentum=0.9, ttt_grad_clip=1.0, self_extract=True,
 )
+# The sp1024 records (PR #549's lineage) build their rotary for a fixed length of 1024, so at 2048
+# its base is NTK-rescaled to 10000 * 2^(16/14) in every forward: the same base, set plainly.
+NTK_BASE_2048 = 10000.0 * 2.0 ** (16 / 14)
+# Their quantiser: int6 matrices, per-row scales never below 1/qmax. With that floor the artifact's
+# bytes depend on the weights' absolute scale; SIZE_CHECK_STD is the std at which each record's own
+# code packs random-normal weights to the record's reported bytes (records/README.md).
+SP1024_QUANT = dict(matrix_bits=6, quant_scale_floor=True)
 
 PRESETS: dict[str, dict] = {
-    # Seed 004, PR #2005, reported 1.0805 (3 seeds): the default.
+    # PR #2005, 1.0805 (3 seeds; seed 1337: 1.0794): PR #1493's stack + the headwise gate + an int7 embedding.
     "pr2005": dict(
         SEED_COMMON, **SP8192, mlp_mult=4, mlp_act="leaky2",
-        num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35, skip_gates=True,
-        xsa_last_n=11, gated_attn="headwise",
-        qk_gain_init=5.25,  # choice: the newest stacks' value; the seed names none
-        matrix_lr=0.022, scalar_lr=0.02,  # choice: scalar lr as pr1658, the stack it extends
-        muon_row_normalize=True, muon_wd=0.095, adam_wd=0.02, embed_wd=0.02, ema_decay=0.9965,
-        warmdown_frac=0.72, min_lr=0.0,
-        matrix_bits=6, embed_bits=7, quant_clip="sdclip", matrix_clip_sigmas=12.85, embed_clip_sigmas=15.0,
-        gptq=True, gptq_reserve_seconds=10.0,  # choice: 10 s of the 600 for calibration on training data
-        compressor="brotli",  # the seed names no compressor and only brotli-11 fits
-        ttt_chunk_tokens=32000, ttt_lr=0.005,
+        num_loops=2, loop_start=3, loop_end=5, loop_mode="span", enable_looping_at=0.35, skip_gates=True,
+        xsa_last_n=11, gated_attn="headwise", parallel_residual_start=7, qk_gain_init=5.25,
+        matrix_lr=0.022, scalar_lr=0.02, tied_embed_lr=0.03, muon_row_normalize=True, muon_wd=0.095,
+        adam_wd=0.02, embed_wd=0.085, ema_decay=0.9965, warmdown_frac=0.72, min_lr=0.0,
+        train_loader="shuffled",
+        matrix_bits=6, embed_bits=7, matrix_clip="sdclip", embed_clip="sdclip", matrix_clip_sigmas=12.85,
+        embed_clip_sigmas=15.0, control_fp32=False,
+        gptq=True, gptq_calib_seqs=3072, gptq_reserve_seconds=12.0,  # 64 batches of 48 sequences
+        compressor="brotli", byte_shuffle=True,
+        ttt_chunk_tokens=32768, ttt_lr=0.005,
     ),
-    # Seed 001, PR #1658, reported 1.0810.
+    # PR #1658, 1.1062 (seed 42, sliding window; it names PR #1493's 1.0810 as its target).
     "pr1658": dict(
-        SEED_COMMON, **SP8192, mlp_mult=4,  # the seed names no activation: relu2
-        num_loops=2, loop_start=3, loop_end=5, enable_looping_at=0.35,  # choice: "passes 2" = NUM_LOOPS=2
-        parallel_residual_start=7, xsa_last_n=11, smear_gate=True,
-        qk_gain_init=5.25,  # choice, as pr2005
-        matrix_lr=0.022, scalar_lr=0.02, muon_row_normalize=True, muon_wd=0.095,
-        adam_wd=0.02, embed_wd=0.02,  # choice: the seed says AdamW without a decay; pr2005's 0.02
-        ema_decay=0.9965, warmdown_frac=0.72, min_lr=0.0,
-        matrix_bits=6, embed_bits=8, quant_clip="sdclip", matrix_clip_sigmas=12.85,
-        # choice: k=20 for the int8 embedding packs ~60 KB over the cap in SIZE_CHECK; k=24 (a step
-        # of 0.19 std, still finer than pr2005's int7 at k=15) and the byte shuffle fit with ~75 KB to spare
-        embed_clip_sigmas=24.0, byte_shuffle=True,
-        gptq=True, gptq_embed=False, gptq_reserve_seconds=10.0, compressor="brotli",
-        ttt_chunk_tokens=32000, ttt_lr=0.005,
+        SEED_COMMON, **SP8192, seed=42, mlp_mult=4, mlp_act="leaky2", rope_base=NTK_BASE_2048,
+        num_loops=1, loop_start=3, loop_end=5, loop_mode="layer", enable_looping_at=0.35,
+        parallel_residual_start=7, parallel_residual_gate=True, xsa_last_n=11, smear_gate=True, qk_gain_init=5.25,
+        matrix_lr=0.022, scalar_lr=0.02, tied_embed_lr=0.03, parallel_muon=True, muon_grad_normalize=True,
+        muon_wd=0.095, adam_wd=0.02, embed_wd=0.085, grad_clip_scope="share",
+        ema_decay=0.9965, swa_every=50, swa_start_scale=0.2, warmdown_frac=0.72, min_lr=0.0,
+        matrix_bits=6, embed_bits=8, matrix_clip="sdclip", embed_clip="sdclip", matrix_clip_sigmas=12.85,
+        embed_clip_sigmas=20.0, control_fp32=False,
+        gptq=True, gptq_embed=False, gptq_calib="selfgen", gptq_calib_seqs=64, gptq_selfgen_len=2048,
+        gptq_damp=0.0201, gptq_reserve_seconds=12.0, compressor="brotli",
+        ttt_enabled=False,  # its score is the sliding window's; its own TTT reported none
+        size_check_tail=4.3,  # its trained weights pack 2.8% smaller than normal ones (records/README.md)
     ),
-    # Seed 000, PR #1232, reported 1.0929 after 20,000 steps with no time cap (a non-record run).
+    # PR #1232, 1.0929 after 20,000 steps on one GPU with no time cap (a non-record run).
     "pr1232": dict(
-        SEED_COMMON, **SP1024, mlp_mult=3, mlp_act="leaky2", gated_attn="1", qk_gain_init=1.5,
-        value_residual=True, xsa_last_n=11, bigram_vocab_size=4096, bigram_dim=128, smear_gate=True,
-        matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_wd=0.04, ema_decay=0.997,
-        iterations=20000, warmdown_iters=12000, warmup_steps=20, max_wallclock_seconds=0.0,
-        matrix_bits=6, embed_bits=6,  # "int6, scope all"
-        quant_clip="sdclip",  # choice: the seed names no clip rule; GPTQ-lite's search packs to 18.5 MB
-        compressor="zstd", compress_level=16,
-        ttt_epochs=10, ttt_lr=0.002, ttt_chunk_tokens=32768, ttt_freeze_blocks=2,
+        SEED_COMMON, **SP1024, **SP1024_QUANT, mlp_mult=3, mlp_act="leaky2", rope_base=NTK_BASE_2048,
+        gated_attn="1", qk_gain_init=1.5, value_residual=True, xsa_last_n=11, smear_gate=True,
+        bigram_vocab_size=4096, bigram_dim=128, bigram_proj_muon=True,
+        matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_wd=0.04, adam_wd=0.04, embed_wd=0.04,
+        ema_decay=0.997, iterations=20000, warmdown_iters=12000, max_wallclock_seconds=0.0,
+        matrix_clip="rowmax", embed_bits=8, embed_clip="quantile", tables_storage="embed",
+        control_fp32=False, compressor="zstd", compress_level=16,
+        ttt_epochs=10, ttt_lr=0.002, ttt_warmup_frac=0.05, ttt_chunk_tokens=32768, ttt_freeze_blocks=2,
+        size_check_std=0.1263,
     ),
-    # Seed 003, PR #1696, reported 1.1224.
+    # PR #1696, 1.1224 (8xH100; its 2xA6000 validation seed 1337: 1.1197).
     "pr1696": dict(
-        SEED_COMMON, **SP1024, mlp_mult=3, mlp_act="leaky2", xsa_last_n=11,
-        ve_enabled=True, ve_dim=128, ve_layers="9,10",
-        attn_res=True, attn_res_block_size=2, attn_res_mix=0.25, attn_res_temp=1.1,
-        parallel_muon=True,
-        matrix_lr=0.025, scalar_lr=0.025, muon_wd=0.04,  # choice: the seed gives none; pr754's banked stack
-        ema_decay=0.997, swa_every=50, swa_start_scale=0.2, warmdown_iters=3500,
-        matrix_bits=6, embed_bits=8, late_qat_threshold=0.15,  # "mixed int6": int6 matrices, int8 embedding
-        quant_clip="sdclip",  # choice: the seed names no clip rule; GPTQ-lite's search packs to 18.5 MB
-        compressor="lzma",
-        ttt_lr=0.003, ttt_chunk_tokens=32768, ttt_freeze_blocks=1,
+        SEED_COMMON, **SP1024, **SP1024_QUANT, mlp_mult=3, mlp_act="leaky2", rope_base=NTK_BASE_2048,
+        qk_gain_init=1.5, xsa_last_n=11, ve_enabled=True, ve_dim=128, ve_layers="9,10",
+        attn_res=True, attn_res_blocks=2, attn_res_mix=0.25, attn_res_temp=1.1,
+        parallel_muon=True, matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_wd=0.04,
+        adam_wd=0.04, embed_wd=0.04, grad_clip_scope="share", ema_decay=0.997, warmdown_iters=3500,
+        matrix_clip="search_tensor", embed_bits=8, embed_clip="quantile", tables_storage="embed",
+        control_fp32=True, compressor="lzma",
+        ttt_lr=0.003, ttt_chunk_tokens=32768, ttt_freeze_blocks=1, ttt_freeze_matrices=False,
+        size_check_std=0.1695,
     ),
-    # Seed 002, PR #754, reported 1.1253.
+    # PR #754, 1.1215 (3 seeds; seed 1337: 1.1217); its title's 1.1253 is an earlier revision.
     "pr754": dict(
-        SEED_COMMON, **SP1024, mlp_mult=3, mlp_act="leaky2", parallel_muon=True, muon_wd=0.04,
-        matrix_lr=0.025, scalar_lr=0.025,  # choice: the seed gives none; pr1232's values
+        SEED_COMMON, **SP1024, **SP1024_QUANT, mlp_mult=3, mlp_act="leaky2", rope_base=NTK_BASE_2048,
+        parallel_muon=True, matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, muon_wd=0.04,
+        adam_wd=0.04, embed_wd=0.04, grad_clip_scope="share",
         smear_gate=True, bigram_vocab_size=1536, bigram_dim=128, value_residual=True, gated_attn="1",
-        qk_gain_init=1.5, xsa_last_n=4, ortho_init=True,
-        ema_decay=0.997, swa_every=50, swa_start_scale=0.2, warmdown_iters=3500,
-        matrix_bits=6, embed_bits=8, late_qat_threshold=0.15, compressor="zstd", compress_level=22,
-        # deviation: the seed's GPTQ-lite (QUANT_CLIP=percentile) packs random-normal weights to 18.7 MB, so
-        # SIZE_CHECK cannot vouch for it (the public run's trained weights packed to ~15 MB); SDClip does
-        quant_clip="sdclip",
-        ttt_lr=0.002, ttt_chunk_tokens=32000,
+        qk_gain_init=1.5, xsa_last_n=4, ema_decay=0.997, warmdown_iters=3500,
+        matrix_clip="search", embed_bits=16, tables_storage="matrix", control_fp32=True,
+        compressor="zstd", compress_level=22,
+        ttt_lr=0.002, ttt_chunk_tokens=32768, size_check_std=0.167,
     ),
     # The challenge's naive baseline: reported val_bpb 1.2244.
     "baseline": dict(
@@ -529,17 +590,20 @@ PRESETS: dict[str, dict] = {
         matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, muon_momentum=0.95,
         muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, warmdown_iters=1200,
         compressor="zlib", eval_stride=0, ttt_enabled=False,
-        self_extract=True,  # this script is ~130 KB, the baseline's was ~47 KB: count the packed copy
+        self_extract=True,  # this script is over three times the baseline's ~47 KB: count the packed copy
     ),
 }
 # CPU-sized: the sample corpus built by data/build_shards.py (see README) and exactly the default
 # preset's features (pr2005) at 4 layers x 128; about 3 minutes end to end on 2 CPU cores with every
 # stage run (GPTQ, sliding window, TTT). Only shape, length and rates change. The recurrence keeps
-# pr2005's proportion: one of 4 layers run 3 times (6 virtual layers, 1.5x; pr2005: 17/11 = 1.55x).
+# pr2005's proportion: one of 4 layers run 3 times (6 virtual layers, 1.5x; pr2005: 17/11 = 1.55x);
+# the last layer is parallel (pr2005: the last 4 of 11). The sample has fewer training shards than
+# the shuffled loader has shares of a batch (8), so it is read as one stream.
 PRESETS["smoke"] = dict(
     PRESETS["pr2005"],
     data_path="./data/sample/shakespeare_sp1024", tokenizer_path="./data/sample/shakespeare_sp1024/tokenizer.model",
     vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, loop_start=2, loop_end=2,
+    parallel_residual_start=3, train_loader="stream",
     train_seq_len=256, eval_seq_len=256, train_batch_tokens=8192, iterations=100000,
     max_wallclock_seconds=150.0, warmdown_frac=0.0, warmdown_iters=150, val_loss_every=0, train_log_every=50,
     compile_warmup_steps=0, matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05,
@@ -697,10 +761,11 @@ def init_runtime(args: Hyperparameters, env: Mapping[str, str]) -> Runtime:
 # =================================================================================================
 # 4. DATA: SHARDS, THE TRAINING LOADER, BYTES PER TOKEN
 # A shard is a 256 x int32 header [magic 20240520, version 1, n_tokens, 0...] followed by n uint16
-# token ids (the challenge's format). Every mismatch is an error naming the file and the field. The
-# training loader gives every rank the same stream and a disjoint slice of each span, so one
-# process with 8 micro-steps sees exactly what 8 processes see in one. The byte tables turn token
-# ids into UTF-8 byte counts for val_bpb.
+# token ids (the challenge's format). Every mismatch is an error naming the file and the field.
+# Two training loaders: the stream gives every rank the same token stream and a disjoint slice of
+# each span; the shuffled one draws random windows, each share of the batch from its own shards.
+# With either, one process with 8 micro-steps sees exactly what 8 processes see in one. The byte
+# tables turn token ids into UTF-8 byte counts for val_bpb.
 # =================================================================================================
 
 SHARD_MAGIC = 20240520
@@ -815,6 +880,95 @@ class DistributedTokenLoader:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+class ShuffledLoader:
+    """TRAIN_LOADER=shuffled (PR #1493's loader, as PR #2005 ran it on 8 GPUs): the batch is cut
+    into S = world * accum shares (8 on the records' machines). Share v reads shards v, v+S, v+2S, ...
+    with its own random generator, PCG64(v), independent of SEED: each shard gets a random phase
+    in [0, seq_len) and a random order of its non-overlapping (seq_len+1)-token windows; a row draws
+    a shard with probability proportional to its windows left and takes that shard's next window;
+    when every shard is used up, all are reshuffled. Rank r's micro-step m is share r*accum + m, so
+    1 process with 8 micro-steps sees exactly the sequences of 8 processes with 1."""
+
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, accum: int, device):
+        shares = world_size * accum
+        if len(files) < shares:
+            raise DataError(f"TRAIN_LOADER=shuffled needs at least {shares} training shards (one per share of "
+                            f"the batch), found {len(files)}: use TRAIN_LOADER=stream or more shards")
+        self.vocab_size, self.device, self.micro, self.accum = vocab_size, device, 0, accum
+        self.shares = [ShuffledShare(files[v::shares], v) for v in range(rank * accum, (rank + 1) * accum)]
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        share = self.shares[self.micro % self.accum]
+        self.micro += 1
+        rows = torch.from_numpy(share.rows(local_tokens // seq_len, seq_len, self.vocab_size))
+        # contiguous, as the compile warm-up's batches are: other strides would recompile the graphs
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if torch.device(self.device).type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class ShuffledShare:
+    """One share's shards and generator (see ShuffledLoader)."""
+
+    def __init__(self, files: list[str], index: int):
+        self.files = files
+        self.rng = np.random.Generator(np.random.PCG64(index))
+        self.tokens = [np.memmap(f, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(read_shard_header(f),))
+                       for f in files]
+        self.starts: list[list[int]] = [[] for _ in files]
+        self.seq_len = None
+
+    def reset(self, i: int) -> None:
+        n = len(self.tokens[i])
+        max_phase = min(self.seq_len - 1, max(0, n - self.seq_len - 1))
+        phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        order = self.rng.permutation((n - 1 - phase) // self.seq_len)
+        self.starts[i] = (phase + order * self.seq_len).tolist()
+
+    def rows(self, n_rows: int, seq_len: int, vocab_size: int) -> np.ndarray:
+        """(n_rows, seq_len + 1) int64 windows."""
+        if self.seq_len is None:
+            self.seq_len = seq_len
+            for i in range(len(self.files)):
+                self.reset(i)
+            if not any(self.starts):
+                raise DataError(f"TRAIN_LOADER=shuffled: no shard of {', '.join(self.files)} holds a sequence of "
+                                f"{seq_len + 1} tokens: use longer shards or TRAIN_LOADER=stream")
+        if seq_len != self.seq_len:
+            raise RuntimeError(f"internal error: the shuffled loader's windows are {self.seq_len} tokens, asked for {seq_len}")
+        out = np.empty((n_rows, seq_len + 1), dtype=np.int64)
+        left = np.array([len(s) for s in self.starts], dtype=np.float64)
+        for r in range(n_rows):
+            if left.sum() <= 0:
+                for i in range(len(self.files)):
+                    self.reset(i)
+                left = np.array([len(s) for s in self.starts], dtype=np.float64)
+            i = int(self.rng.choice(len(self.files), p=left / left.sum()))
+            start = self.starts[i].pop()
+            left[i] -= 1
+            out[r] = self.tokens[i][start:start + seq_len + 1]
+            if out[r].max() >= vocab_size:
+                raise DataError(f"{self.files[i]}: token id {out[r].max()} >= VOCAB_SIZE={vocab_size} "
+                                "(shards and tokenizer disagree)")
+        return out
+
+
+def make_loader(args: Hyperparameters, files: list[str], rank: int, world_size: int, accum: int, device):
+    if args.train_loader == "shuffled":
+        return ShuffledLoader(files, args.vocab_size, rank, world_size, accum, device)
+    return DistributedTokenLoader(files, args.vocab_size, rank, world_size, device)
+
+
+def first_sequences(args: Hyperparameters, files: list[str], n: int, shares: int) -> torch.Tensor:
+    """The first n training inputs (n, TRAIN_SEQ_LEN) that GPTQ calibrates on (already trained on;
+    the same for any number of processes): for the shuffled loader, share 0's first windows with the
+    batch cut into `shares`; for the stream, its first n * TRAIN_SEQ_LEN tokens."""
+    loader = make_loader(args, files, 0, 1, shares, "cpu")
+    x, _ = loader.next_batch(n * args.train_seq_len, args.train_seq_len)
+    return x
+
+
 @dataclass
 class ByteTables:
     """Per token id: UTF-8 bytes of its text without a leading '▁', whether it has one, and
@@ -892,11 +1046,12 @@ def load_validation(args: Hyperparameters) -> ValidationSet:
 
 # =================================================================================================
 # 5. THE QUANTISATION GRID
-# Large matrices are stored as integers with one fp16 scale per row. The scale comes from a fixed
-# high quantile of |w| (the baseline), a per-row search over quantiles for the lowest error
-# (GPTQ-lite), or SDClip (k * std(row) / qmax: a multiple of the row's spread, insensitive to single
-# outliers). Late QAT trains against exactly this grid, so it lives here, above the model; the
-# artifact (GPTQ, packing) is further down.
+# Large matrices are stored as integers with one fp16 scale per row: scale = clip / qmax, where
+# each row's clip is a fixed high quantile of |w| (the baseline), max |w|, the quantile with the
+# least rounding error (GPTQ-lite: per row or per tensor), or SDClip (k * std(row): a multiple of
+# the row's spread, insensitive to single outliers); optionally never below 1/qmax. Late QAT trains
+# against exactly this grid, so it lives here, above the model; the artifact (GPTQ, packing) is
+# further down.
 # =================================================================================================
 
 
@@ -906,23 +1061,23 @@ PERCENTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one matrix is rounded: bits per weight, the rule for its per-row scales, SDClip's k."""
+    """How one matrix is rounded: bits per weight, the rule for each row's clip (CLIP_RULES), SDClip's
+    k, and whether scales have a floor of 1/qmax."""
     bits: int
-    clip: str  # quantile | percentile | sdclip
+    clip: str
     sigmas: float
+    floor: bool = False
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
-
-def round_to_grid(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integers (as float) in [-qmax, qmax]; scale: (rows,) float32."""
-    return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-
-
-def to_fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    return scale.clamp_min(2.0 ** -24).to(torch.float16)  # a zero row must not divide by zero
+    @property
+    def min_scale(self) -> float:
+        # 1/qmax: the #549 lineage's floor. Its trained rows mostly stay below |w| = 1, so their
+        # scale sits at the floor and the grid is a fixed step of 1/qmax. Otherwise 2^-24 (fp16's
+        # smallest step), so that a zero row does not divide by zero.
+        return 1.0 / self.qmax if self.floor else 2.0 ** -24
 
 
 def row_quantiles(a: torch.Tensor, qs) -> torch.Tensor:
@@ -934,32 +1089,47 @@ def row_quantiles(a: torch.Tensor, qs) -> torch.Tensor:
     return torch.lerp(srt[:, lo].T, srt[:, hi].T, (pos - lo)[:, None])
 
 
-def row_scales(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """fp16 scale per row by the spec's clip method."""
-    clip = spec.clip
-    w = w.float()
-    if clip == "sdclip":
-        return to_fp16_scale(spec.sigmas * w.std(dim=1) / spec.qmax)
-    if clip == "quantile":
-        return to_fp16_scale(row_quantiles(w.abs(), [QUANTILE_CLIP])[0] / spec.qmax)
-    # percentile search (GPTQ-lite): per row, the candidate with the lowest squared error
+def scale_for(clip: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """fp16 row scales: clip / qmax, at least the spec's floor."""
+    return (clip / spec.qmax).clamp_min(spec.min_scale).to(torch.float16)
+
+
+def round_rows(w: torch.Tensor, clip: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integers (as float) in [-qmax, qmax]: each row clipped to +-clip, then divided by its scale.
+    The clip matters only where the floor raised the scale above clip / qmax. search_tensor does not
+    clip first: PR #1696 used it as written, only clamping the rounded integers to +-qmax."""
+    if spec.clip != "search_tensor":
+        w = torch.clamp(w, -clip[:, None], clip[:, None])
+    return torch.clamp(torch.round(w / scale[:, None]), -spec.qmax, spec.qmax)
+
+
+def row_clips(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Each row's clip by the spec's rule (CLIP_HELP); the search rules keep the candidate quantile
+    of |w| whose rounding has the least squared error, per row or for the whole tensor."""
+    if spec.clip == "sdclip":
+        return spec.sigmas * w.std(dim=1)
+    if spec.clip == "quantile":
+        return row_quantiles(w.abs(), [QUANTILE_CLIP])[0]
+    if spec.clip == "rowmax":
+        return w.abs().amax(dim=1)
     candidates = row_quantiles(w.abs(), PERCENTILE_CANDIDATES)  # (P, rows)
-    best, best_err = None, None
-    for clip_p in candidates:
-        scale = to_fp16_scale(clip_p / spec.qmax)
-        err = ((round_to_grid(w, scale.float(), spec.qmax) * scale.float()[:, None] - w) ** 2).sum(dim=1)
-        if best is None:
-            best, best_err = scale, err
-        else:
-            better = err < best_err
-            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
-    return best
+    errors = []
+    for clip in candidates:
+        scale = scale_for(clip, spec).float()
+        q = round_rows(w, clip, scale, spec)
+        errors.append(((q * scale[:, None] - w) ** 2).sum(dim=1))
+    errors = torch.stack(errors)  # (P, rows)
+    if spec.clip == "search_tensor":
+        return candidates[errors.sum(dim=1).argmin()]
+    return candidates.gather(0, errors.argmin(dim=0, keepdim=True))[0]  # ties: the first candidate
 
 
 def quantize_rows(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The one rounding rule of late QAT and the artifact: (integers as float32, fp16 row scales)."""
-    scale = row_scales(w, spec)
-    return round_to_grid(w.float(), scale.float(), spec.qmax), scale
+    w = w.float()
+    clip = row_clips(w, spec)
+    scale = scale_for(clip, spec)
+    return round_rows(w, clip, scale.float(), spec), scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -1008,12 +1178,14 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, D); rotate pairs (x[i], x[i + r/2]) of the first r = 2 * cos.size(-1) dims."""
+    """x: (B, T, H, D); rotate pairs (x[i], x[i + r/2]) of the first r = 2 * cos.size(-1) dims by
+    -position * theta_i, the direction of the records' code (the other direction is the same model
+    with the second half of q and k negated, but not the same function of given weights)."""
     r = 2 * cos.size(-1)
     half = r // 2
     x1, x2, rest = x[..., :half], x[..., half:r], x[..., r:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
@@ -1064,24 +1236,36 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, d = args.num_heads, args.num_kv_heads, args.model_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d // H
         self.attn_backend = attn_backend
-        self.c_q = QATLinear(d, d)
+        self.gate_mode = args.gated_attn
+        # Headwise gate (PR #2005): c_q has one extra output row per head, the head's gate logit; it is
+        # read from the same input as q, has no bias, and trains, initialises and quantises with c_q.
+        self.c_q = QATLinear(d, d + H if self.gate_mode == "headwise" else d)
         self.c_k = QATLinear(d, Hkv * self.head_dim)
         self.c_v = QATLinear(d, Hkv * self.head_dim)
         self.proj = QATLinear(d, d)
         self.q_gain = nn.Parameter(torch.full((H,), args.qk_gain_init))
         self.xsa = layer >= args.num_layers - args.xsa_last_n
-        self.gate_mode = args.gated_attn
-        if self.gate_mode != "0":
-            # Gates start near 1 (weights 0, bias 4: sigmoid(4) = 0.98), so a block starts ungated.
-            self.gate_w = nn.Parameter(torch.zeros(H, d if self.gate_mode == "1" else self.head_dim))
+        if self.gate_mode == "1":  # its own map with a bias: weights 0, bias 4 (sigmoid 0.98), so it starts open
+            self.gate_w = nn.Parameter(torch.zeros(H, d))
             self.gate_b = nn.Parameter(torch.full((H,), 4.0))
-        # Value residual: every layer but the first mixes in layer 0's values.
-        self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5])) if args.value_residual and layer > 0 else None
+        # Value residual: later layers mix in layer 0's values. Every block holds the pair, as in the
+        # records' code, so parameter counts and artifacts match theirs; layer 0's is never used
+        # (GPT.hidden gives layer 0 no v0) and never trained.
+        if args.value_residual:
+            self.vr_lambda = nn.Parameter(torch.tensor([0.5, 0.5]), requires_grad=layer > 0)
+        else:
+            self.vr_lambda = None
 
     def forward(self, x, cos, sin, v0=None, ve=None):
         """x: normalised block input (B, T, d). Returns (output, v) so layer 0 can share its values."""
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        B, T, d = x.shape
+        q = self.c_q(x)
+        gate = None
+        if self.gate_mode == "headwise":
+            q, gate = q[..., :d], q[..., d:]  # (B, T, d), (B, T, H)
+        elif self.gate_mode == "1":
+            gate = F.linear(x, self.gate_w.to(x.dtype)) + self.gate_b.to(x.dtype)
+        q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
         if ve is not None:
@@ -1092,12 +1276,10 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin)
         y = causal_attention(q, k, v, self.attn_backend)  # (B, T, H, D)
-        if self.gate_mode == "1":  # from the block's normalised input; per-head scalars commute with XSA
-            y = y * torch.sigmoid(F.linear(x, self.gate_w.to(x.dtype)) + self.gate_b.to(x.dtype))[..., None]
         if self.xsa:
             y = exclusive_self_attention(y, v)
-        if self.gate_mode == "headwise":  # after XSA, from each head's own output (seed PR2005)
-            y = y * torch.sigmoid((y * self.gate_w.to(y.dtype)).sum(-1) + self.gate_b.to(y.dtype))[..., None]
+        if gate is not None:  # one scalar per head and position, after XSA (the two commute)
+            y = y * torch.sigmoid(gate).to(y.dtype)[..., None]
         return self.proj(y.reshape(B, T, -1)), v
 
 
@@ -1124,14 +1306,21 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+        # LN scale by the physical index: a block run several times by the recurrence keeps its own.
+        self.ln_scale = 1.0 / math.sqrt(layer + 1) if args.ln_scale else 1.0
         self.parallel = 0 <= args.parallel_residual_start <= layer
+        self.par_gate = nn.Parameter(torch.tensor(0.5)) if self.parallel and args.parallel_residual_gate else None
 
-    def forward(self, x, x0, cos, sin, s: float = 1.0, v0=None, ve=None):
-        """s: the LN scale of this (virtual) depth. Returns (x, v)."""
+    def forward(self, x, x0, cos, sin, v0=None, ve=None):
+        """Returns (x, v)."""
+        s = self.ln_scale
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         a, v = self.attn(rms_norm(x) * s, cos, sin, v0, ve)
         if self.parallel:  # attention and MLP read the same input
-            return x + self.attn_scale * a + self.mlp_scale * self.mlp(rms_norm(x) * s), v
+            m = self.mlp(rms_norm(x) * s)
+            if self.par_gate is not None:
+                return x + self.par_gate * self.attn_scale * a + (1 - self.par_gate) * self.mlp_scale * m, v
+            return x + self.attn_scale * a + self.mlp_scale * m, v
         x = x + self.attn_scale * a
         return x + self.mlp_scale * self.mlp(rms_norm(x) * s), v
 
@@ -1192,27 +1381,39 @@ class GPT(nn.Module):
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.looping = False  # depth recurrence on (an instance attribute: torch.compile guards on it)
-        n_virtual = len(self.layer_order(looping=args.num_loops > 0))
-        # U-Net skips pair over the virtual order; with recurrence the looped order has more pairs,
-        # and the plain order uses the first ones.
-        num_skips = min(n_virtual // 2, n_virtual - n_virtual // 2) if args.unet_skips else 0
+        in_place = args.num_loops and args.loop_mode == "layer"
+        self.recur_gates = nn.Parameter(torch.zeros(args.loop_end - args.loop_start + 1)) if in_place else None
+        n_units = len(self.units(looping=args.num_loops > 0))
+        # U-Net skips pair over the units (below); with span recurrence the looped order has more
+        # pairs, and the plain order uses the first ones.
+        num_skips = min(n_units // 2, n_units - n_units // 2) if args.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.ones(num_skips, d)) if num_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, d)) if num_skips and args.skip_gates else None
-        self.attn_res_q = nn.Parameter(torch.zeros(L, d)) if args.attn_res else None
+        # Block attention residuals: layers from the first block boundary on have a routing query.
+        self.attn_res_first = math.ceil(L / args.attn_res_blocks)
+        self.attn_res_q = nn.Parameter(torch.zeros(L - self.attn_res_first, d)) if args.attn_res else None
         self.lm_head = None if args.tie_embeddings else nn.Linear(d, args.vocab_size, bias=False)
         self.rotary = Rotary(args.rope_dims or d // args.num_heads, args.rope_base)
         self.head_input = nn.Identity()  # a hook point: GPTQ of the tied embedding needs the head's inputs
         self.init_weights()
 
-    def layer_order(self, looping: bool | None = None) -> list[int]:
-        """Physical layer of each virtual layer: with recurrence LOOP_START..LOOP_END run 1+NUM_LOOPS
-        times, e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10."""
+    def units(self, looping: bool | None = None) -> list[list[int]]:
+        """The forward's steps, each a list of the physical layers it runs. Without recurrence one
+        layer each. Span recurrence (3..5, 2 loops): [0],[1],[2],[3],[4],[5],[3],[4],[5],[3],[4],[5],
+        [6],...,[10]. Layer recurrence (3..5, 1 loop): [0],[1],[2],[3,3],[4,4],[5,5],[6],...,[10]:
+        a layer's extra passes belong to its unit. U-Net skips pair units."""
         a = self.args
         looping = self.looping if looping is None else looping
+        plain = [[i] for i in range(a.num_layers)]
         if not (looping and a.num_loops):
-            return list(range(a.num_layers))
-        span = list(range(a.loop_start, a.loop_end + 1))
-        return list(range(a.loop_start)) + span * (1 + a.num_loops) + list(range(a.loop_end + 1, a.num_layers))
+            return plain
+        if a.loop_mode == "layer":
+            return [[i] * (1 + a.num_loops) if a.loop_start <= i <= a.loop_end else [i] for i in range(a.num_layers)]
+        return plain[:a.loop_start] + plain[a.loop_start:a.loop_end + 1] * (1 + a.num_loops) + plain[a.loop_end + 1:]
+
+    def layer_order(self, looping: bool | None = None) -> list[int]:
+        """Physical layer of each virtual layer, e.g. 0,1,2,3,4,5,3,4,5,3,4,5,6,...,10."""
+        return [layer for unit in self.units(looping) for layer in unit]
 
     def set_qat(self, spec_for) -> int:
         """Late QAT in every QATLinear whose weight the artifact quantises: spec_for(name, weight)
@@ -1232,17 +1433,20 @@ class GPT(nn.Module):
         |----------------------------------------|-------------------------------------------------|
         | tok_emb (tied / untied)                | normal, std TIED_EMBED_INIT_STD (0.005) / 1     |
         | lm_head (untied)                       | zeros                                           |
-        | c_q, c_k, c_v, mlp.fc                  | PyTorch default U(+-1/sqrt(in)); ORTHO_INIT=1:  |
-        |                                        | orthogonal (gain 1) when both sides >= 64       |
+        | c_q (with headwise gate rows), c_k,    | PyTorch default U(+-1/sqrt(in)); ORTHO_INIT=1:  |
+        | c_v, mlp.fc                            | orthogonal (gain 1) when both sides >= 64       |
         | attn.proj, mlp.proj                    | zeros (each block starts as the identity)       |
         | attn_scale, mlp_scale, skip_weights    | ones                                            |
         | resid_mix                              | [ones, zeros]                                   |
         | q_gain                                 | QK_GAIN_INIT                                    |
         | gate_w, gate_b (gated attention)       | zeros, 4 (gate ~0.98)                           |
         | vr_lambda (value residual)             | [0.5, 0.5]                                      |
+        | recur_gates (layer recurrence)         | zeros (extra passes start switched off)         |
+        | par_gate (gated parallel residuals)    | 0.5                                             |
         | ve_table, ve_proj, ve_scale, per layer | normal std 0.01, default, 0.1, ones             |
         | smear gate, skip_gates, attn_res_q     | zeros (sigmoid 0.5, 0.5, uniform routing)       |
         | bigram table, proj, scale              | zeros, orthogonal, 0.05 (both zero never learn) |
+        |                                        | BIGRAM_PROJ_MUON: proj orthogonal / sqrt(2L)    |
         """
         std = self.args.tied_embed_init_std if self.lm_head is None else 1.0
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
@@ -1258,6 +1462,8 @@ class GPT(nn.Module):
         if self.bigram is not None:
             nn.init.zeros_(self.bigram.table.weight)
             nn.init.orthogonal_(self.bigram.proj.weight)
+            if self.args.bigram_proj_muon:  # scaled like a residual branch of 2L sublayers (PR #1232)
+                self.bigram.proj.weight.mul_(1.0 / math.sqrt(2 * self.args.num_layers))
         if self.ve_layers:
             nn.init.normal_(self.ve_table.weight, mean=0.0, std=0.01)
             self.ve_proj.reset_parameters()
@@ -1265,9 +1471,11 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(self.ve_proj.weight)
 
     def route(self, x: torch.Tensor, sources: list, physical: int) -> torch.Tensor:
-        """Block attention residuals: softmax over the detached sources of (q . rmsnorm(src)) / temp."""
+        """Block attention residuals: a softmax over the detached sources of
+        q . rmsnorm(source) / (sqrt(d) * ATTN_RES_TEMP), mixed into the layer's input."""
         bank = torch.stack(sources, dim=2)  # (B, T, S, d)
-        scores = (rms_norm(bank) * self.attn_res_q[physical].to(bank.dtype)).sum(-1) / self.args.attn_res_temp
+        q = self.attn_res_q[physical - self.attn_res_first].to(bank.dtype)
+        scores = (rms_norm(bank) * q).sum(-1) / (math.sqrt(bank.size(-1)) * self.args.attn_res_temp)
         routed = (torch.softmax(scores.float(), dim=-1).to(bank.dtype)[..., None] * bank).sum(2)
         return (1 - self.args.attn_res_mix) * x + self.args.attn_res_mix * routed
 
@@ -1281,26 +1489,28 @@ class GPT(nn.Module):
         x0 = x
         ve = self.ve_scale * self.ve_proj(self.ve_table(input_ids)) if self.ve_layers else None
         cos, sin = self.rotary(input_ids.size(1), input_ids.device)
-        order = self.layer_order()
-        n_enc = len(order) // 2 if self.skip_weights is not None else 0
-        n_skip = min(n_enc, len(order) - n_enc)
+        units = self.units()
+        n_enc = len(units) // 2 if self.skip_weights is not None else 0
+        n_skip = min(n_enc, len(units) - n_enc)
         skips, v0 = [], None
         sources = [x0.detach()] if self.attn_res_q is not None else None
-        for i, layer in enumerate(order):
+        for i, unit in enumerate(units):
             j = i - n_enc
             if 0 <= j < n_skip:
                 x = self.merge_skip(x, skips.pop(), j)
-            if sources is not None:
-                x = self.route(x, sources, layer)
-            ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
-            s = 1.0 / math.sqrt(i + 1) if self.args.ln_scale else 1.0
-            x, v = self.blocks[layer](x, x0, cos, sin, s, v0, ve_i)
-            if i == 0:
-                v0 = v
+            if sources is not None and unit[0] >= self.attn_res_first:  # x0 and at least one boundary
+                x = self.route(x, sources, unit[0])
+            for p, layer in enumerate(unit):
+                ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
+                # layer 0 makes v0 and never mixes it in, also when the recurrence runs it again
+                y, v = self.blocks[layer](x, x0, cos, sin, v0 if layer > 0 else None, ve_i)
+                # a layer's extra pass in place is blended in by its gate: x + g * (pass - x)
+                x = y if p == 0 else x + self.recur_gates[layer - self.args.loop_start] * (y - x)
+                v0 = v if v0 is None else v0
             if i < n_enc:
                 skips.append(x)
-            if sources is not None and (i + 1) % self.args.attn_res_block_size == 0:
-                sources.append(x.detach())
+            if sources is not None and (i + 1) % self.attn_res_first == 0 and i + 1 < len(units):
+                sources.append(x.detach())  # a block boundary
         return rms_norm(x)
 
     def merge_skip(self, x: torch.Tensor, skip: torch.Tensor, j: int) -> torch.Tensor:
@@ -1341,7 +1551,10 @@ class ParamRole:
     optimizer: "matrix" (Muon), "embed" (Adam at TIED_EMBED_LR or EMBED_LR, EMBED_WD),
         "head" (Adam at HEAD_LR, EMBED_WD), "scalar" (Adam at SCALAR_LR, ADAM_WD).
     storage: "matrix" / "embed": rounded per row with the MATRIX_ / EMBED_ settings when larger
-        than PASSTHROUGH_MAX_ELEMENTS (smaller ones are stored fp16); "fp16" / "fp32": stored as is.
+        than PASSTHROUGH_MAX_ELEMENTS (smaller ones are stored fp16; EMBED_BITS=16: bf16);
+        "fp16" / "fp32": stored as is. In PARAMETER_ROLES two storages and one optimiser depend on
+        the configuration: "control" (fp32 or fp16, CONTROL_FP32), "table" (TABLES_STORAGE),
+        "projection" (BIGRAM_PROJ_MUON: matrix or scalar); parameter_role resolves them.
     hessian: whose inputs GPTQ calibrates it with: "own" (its own linear layer), "head" (the output
         head's, when this weight is the head), or None (plain rounding: a lookup table)."""
     optimizer: str
@@ -1352,43 +1565,48 @@ class ParamRole:
 PASSTHROUGH_MAX_ELEMENTS = 65536
 _BLOCK = r"blocks\.\d+\."
 # Every parameter of every configuration matches exactly one pattern (fullmatch); a parameter added
-# without a role stops the run at once instead of landing in some default group.
+# without a role stops the run at once instead of landing in some default group. Two entries depend
+# on the configuration and are resolved by parameter_role: "control" storage (CONTROL_FP32) and
+# "table" storage (TABLES_STORAGE); the "projection" optimiser (BIGRAM_PROJ_MUON).
 PARAMETER_ROLES: tuple[tuple[str, ParamRole], ...] = (
     (r"tok_emb\.weight", ParamRole("embed", "embed", "head")),
     (r"lm_head\.weight", ParamRole("head", "embed", "head")),
     (_BLOCK + r"(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight", ParamRole("matrix", "matrix", "own")),
-    # Per-channel scales and mixes that set the residual stream's balance: full precision.
-    (_BLOCK + r"(attn_scale|mlp_scale|resid_mix|attn\.q_gain)", ParamRole("scalar", "fp32")),
-    ("skip_weights", ParamRole("scalar", "fp32")),
-    # Gates and small mixing weights: fp16 (a sigmoid's input needs no more).
-    ("skip_gates", ParamRole("scalar", "fp16")),
-    (_BLOCK + r"attn\.(gate_w|gate_b|vr_lambda)", ParamRole("scalar", "fp16")),
-    (r"smear\.gate", ParamRole("scalar", "fp16")),
-    ("attn_res_q", ParamRole("scalar", "fp16")),
-    # BigramHash and value embeddings: tables with the embedding's learning rate, rounded with the
-    # matrix settings; their projections and scales train with the scalars.
-    (r"bigram\.table\.weight|ve_table\.weight", ParamRole("embed", "matrix")),
-    (r"bigram\.proj\.weight|ve_proj\.weight", ParamRole("scalar", "matrix")),
-    (r"bigram\.scale|ve_scale|ve_layer_scales", ParamRole("scalar", "fp16")),
+    # Per-channel scales, mixes, gains, gates and routing queries: a few thousand values that set
+    # the balance of the residual stream.
+    (_BLOCK + r"(attn_scale|mlp_scale|resid_mix|par_gate|attn\.(q_gain|gate_w|gate_b|vr_lambda))",
+     ParamRole("scalar", "control")),
+    (r"skip_weights|skip_gates|recur_gates|attn_res_q|smear\.gate|bigram\.scale|ve_scale|ve_layer_scales",
+     ParamRole("scalar", "control")),
+    # BigramHash and value embeddings: lookup tables at the embedding's learning rate; projections.
+    (r"bigram\.table\.weight|ve_table\.weight", ParamRole("embed", "table")),
+    (r"bigram\.proj\.weight", ParamRole("projection", "matrix")),
+    (r"ve_proj\.weight", ParamRole("scalar", "matrix")),
 )
 
 
-def parameter_role(name: str) -> ParamRole:
+def parameter_role(name: str, args: Hyperparameters) -> ParamRole:
     matches = [role for pattern, role in PARAMETER_ROLES if re.fullmatch(pattern, name)]
     if len(matches) != 1:
         raise RuntimeError(f"internal error: parameter {name} matches {len(matches)} entries of PARAMETER_ROLES; "
                            "give it exactly one (its optimiser group and how the artifact stores it)")
-    return matches[0]
+    role = matches[0]
+    storage = {"control": "fp32" if args.control_fp32 else "fp16", "table": args.tables_storage}.get(role.storage,
+                                                                                                    role.storage)
+    optimizer = {"projection": "matrix" if args.bigram_proj_muon else "scalar"}.get(role.optimizer, role.optimizer)
+    return ParamRole(optimizer, storage, role.hessian)
 
 
 def quant_spec_for(name: str, t: torch.Tensor, args: Hyperparameters) -> QuantSpec | None:
     """How the artifact (and late QAT) rounds this tensor; None: it is stored as is."""
-    storage = parameter_role(name).storage
+    storage = parameter_role(name, args).storage
     if storage in ("fp16", "fp32") or t.ndim != 2 or t.numel() <= PASSTHROUGH_MAX_ELEMENTS:
         return None
     if storage == "embed":
-        return QuantSpec(args.embed_bits, args.quant_clip, args.embed_clip_sigmas)
-    return QuantSpec(args.matrix_bits, args.quant_clip, args.matrix_clip_sigmas)
+        if args.embed_bits == 16:
+            return None
+        return QuantSpec(args.embed_bits, args.embed_clip, args.embed_clip_sigmas, args.quant_scale_floor)
+    return QuantSpec(args.matrix_bits, args.matrix_clip, args.matrix_clip_sigmas, args.quant_scale_floor)
 
 
 def architecture_of(args: Hyperparameters) -> dict:
@@ -1425,17 +1643,20 @@ def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int, eps: float = 1e-7) 
 
 
 class Muon(torch.optim.Optimizer):
-    """buf = mu*buf + g; u = g + mu*buf (Nesterov) or buf; with row_normalize (MuonEq-R) each row
-    of u is divided by its L2 norm; u = NS(u) * sqrt(max(1, rows/cols));
+    """With grad_normalize (PR #1658) g = g / ||g||_F per matrix first; buf = mu*buf + g;
+    u = g + mu*buf (Nesterov) or buf; with row_normalize (MuonEq-R) each row of u is divided by its
+    L2 norm; u = NS(u) * sqrt(max(1, rows/cols));
     W *= 1 - lr*wd; W -= lr*u. The matrices of one shape are orthogonalised together, in one batched
     Newton-Schulz (a few large kernels instead of a chain of small ones per matrix). With several
     processes each rank takes every world-th matrix of each shape and the updates are summed across
-    ranks (the gradients are already averaged by DDP)."""
+    ranks (the gradients arrive averaged over the ranks: by DDP, or by the training step when each
+    share is clipped)."""
 
-    def __init__(self, params, lr: float, momentum: float, nesterov: bool = True,
-                 weight_decay: float = 0.0, backend_steps: int = 5, row_normalize: bool = False):
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool = True, weight_decay: float = 0.0,
+                 backend_steps: int = 5, row_normalize: bool = False, grad_normalize: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      backend_steps=backend_steps, row_normalize=row_normalize))
+                                      backend_steps=backend_steps, row_normalize=row_normalize,
+                                      grad_normalize=grad_normalize))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1456,6 +1677,8 @@ class Muon(torch.optim.Optimizer):
                 if not mine:
                     continue
                 grads = [params[i].grad for i in mine]
+                if group["grad_normalize"]:
+                    grads = [g / g.norm().clamp_min(1e-7) for g in grads]
                 bufs = []
                 for i in mine:
                     state = self.state[params[i]]
@@ -1481,16 +1704,17 @@ class Muon(torch.optim.Optimizer):
 
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over parameter banks (PARALLEL_MUON=1, seed PR754): the matrices of one shape form a bank
-    (at the reference shape: q|o, k|v, mlp up, mlp down). Gradients are reduce-scattered (averaged),
+    (at the reference shape: q|o, k|v, mlp up, mlp down; c_q with headwise gate rows has its own). Gradients are reduce-scattered (averaged),
     so each rank owns a slice of every bank (padded to a multiple of the world size); it keeps the
     momentum of that slice only, runs one batched Newton-Schulz on it, and all-gathers the updates,
     each bank's all-gather running while the next bank is orthogonalised. The update equals Muon's.
     The banked matrices must not be wrapped in DDP: call reduce_gradients() after backward."""
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool = True, weight_decay: float = 0.0,
-                 backend_steps: int = 5, row_normalize: bool = False):
+                 backend_steps: int = 5, row_normalize: bool = False, grad_normalize: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      backend_steps=backend_steps, row_normalize=row_normalize))
+                                      backend_steps=backend_steps, row_normalize=row_normalize,
+                                      grad_normalize=grad_normalize))
         self.banks: dict[tuple, list] = {}
         # Keyed by the group's index, not its identity: load_state_dict (the compile warm-up's undo)
         # replaces the group dicts.
@@ -1535,6 +1759,8 @@ class ParallelMuon(torch.optim.Optimizer):
         for (gi, shape), bank in self.banks.items():
             group = self.param_groups[gi]
             g = self.local_grads[(gi, shape)] * grad_scale
+            if group["grad_normalize"]:
+                g = g / g.flatten(1).norm(dim=1).clamp_min(1e-7)[:, None, None]
             state = self.state[bank[0]]
             if "bank_momentum" not in state:
                 state["bank_momentum"] = torch.zeros_like(g)
@@ -1564,7 +1790,7 @@ def parameter_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups[parameter_role(name).optimizer].append((name, p))
+            groups[parameter_role(name, model.args).optimizer].append((name, p))
     return groups
 
 
@@ -1583,7 +1809,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
         muon_cls = ParallelMuon if args.parallel_muon else Muon
         muon = muon_cls([p for _, p in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
                     weight_decay=args.muon_wd, backend_steps=args.muon_backend_steps,
-                    row_normalize=args.muon_row_normalize)
+                    row_normalize=args.muon_row_normalize, grad_normalize=args.muon_grad_normalize)
         for g in muon.param_groups:
             g["base_lr"] = args.matrix_lr
         optimizers.append(muon)
@@ -1620,10 +1846,14 @@ class SWA:
 @torch.no_grad()
 def apply_final_weights(model: nn.Module, ema: EMA | None, swa: SWA | None) -> str:
     """Copy the weights used after training into the model and say which they are (a public record
-    collected SWA but never applied it while its log claimed it had). SWA wins when it has snapshots; its snapshots are of the EMA
-    weights when EMA is on."""
-    if swa is not None and swa.count:
-        source, label = swa.mean, f"SWA mean of {swa.count} {'EMA' if ema else 'raw'} snapshots"
+    collected SWA but never applied it while its log claimed it had). SWA averages raw weights; with
+    EMA on too, the final weights are the mean of the EMA and the SWA average (PR #1658's rule)."""
+    swa_on = swa is not None and swa.count > 0
+    if swa_on and ema is not None:
+        source = [0.5 * (e + s) for e, s in zip(ema.shadow, swa.mean)]
+        label = f"mean of EMA (decay {ema.decay}) and the SWA mean of {swa.count} snapshots"
+    elif swa_on:
+        source, label = swa.mean, f"SWA mean of {swa.count} snapshots"
     elif ema is not None:
         source, label = ema.shadow, f"EMA (decay {ema.decay})"
     else:
@@ -1708,6 +1938,16 @@ class Switch:
 
     def _apply(self, model: GPT, on: bool) -> str:
         raise NotImplementedError
+
+    @contextmanager
+    def off(self, model: GPT):
+        """Off for the duration, then back in the state it was in."""
+        was = self.on
+        self.set(model, False)
+        try:
+            yield
+        finally:
+            self.set(model, was)
 
 
 class DepthRecurrence(Switch):
@@ -1872,8 +2112,26 @@ def evaluate(model: GPT, val: ValidationSet, ctx: Context, label: str = "eval", 
 
 
 def ttt_lr_at(chunk: int, n_train_chunks: int, args: Hyperparameters) -> float:
-    """Cosine decay over the trained chunks: TTT_LR at chunk 0, towards 0 after the last one."""
-    return args.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_train_chunks, 1)))
+    """Cosine decay over the trained chunks: TTT_LR at chunk 0, towards 0 after the last one. With
+    TTT_WARMUP_FRAC, a linear warm-up over the first w = max(1, floor(frac * all chunks)) chunks
+    (chunk c gets (c+1)/w of TTT_LR), then the cosine over the rest (PR #1232)."""
+    n_warm = max(1, int(args.ttt_warmup_frac * (n_train_chunks + 1) + 1e-9)) if args.ttt_warmup_frac > 0 else 0
+    if chunk < n_warm:
+        return args.ttt_lr * (chunk + 1) / n_warm
+    progress = (chunk - n_warm) / max(n_train_chunks - n_warm, 1)
+    return args.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ttt_frozen(model: GPT, args: Hyperparameters) -> set[str]:
+    """Names of the parameters TTT does not train: those of the first TTT_FREEZE_BLOCKS blocks, or
+    with TTT_FREEZE_MATRICES=0 only their scales and gains (the banked records kept training their
+    matrices, whose banks were not frozen by their block-name filter)."""
+    frozen = set()
+    for name, _ in model.named_parameters():
+        if name.startswith("blocks.") and int(name.split(".")[1]) < args.ttt_freeze_blocks:
+            if args.ttt_freeze_matrices or parameter_role(name, args).optimizer != "matrix":
+                frozen.add(name)
+    return frozen
 
 
 def ttt_train_chunk(model: GPT, optimizer, params: list, tokens: torch.Tensor, lo: int, hi: int, ctx: Context) -> None:
@@ -1924,9 +2182,11 @@ def evaluate_ttt(model: GPT, val: ValidationSet, ctx: Context,
     by_chunk = [[] for _ in range(n_chunks)]
     for w in eval_windows(n_targets, args.eval_seq_len, args.eval_stride):
         by_chunk[(w[0] + w[2]) // C].append(w)  # a window belongs to the chunk of its first scored target
-    for i, block in enumerate(model.blocks):
-        block.requires_grad_(i >= args.ttt_freeze_blocks)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    frozen = ttt_frozen(model, args)
+    params = [p for name, p in model.named_parameters() if p.requires_grad and name not in frozen]
+    for name, p in model.named_parameters():
+        p.requires_grad_(p.requires_grad and name not in frozen)
     optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     val = val.to(rt.device)
     total = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -1949,8 +2209,8 @@ def evaluate_ttt(model: GPT, val: ValidationSet, ctx: Context,
             with open(chunks_path, "a", encoding="utf-8") as f:  # one whole line per chunk
                 f.write(json.dumps(records[-1]) + "\n")
         progress.update(c + 1)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
     result = EvalResult(total[0].item(), int(total[1].item()), int(total[2].item()), time.perf_counter() - t_start)
     return result, records
 
@@ -1966,10 +2226,13 @@ def evaluate_ttt(model: GPT, val: ValidationSet, ctx: Context,
 # were packed; every score is computed on what was read back from disk.
 # =================================================================================================
 
+CAP_BYTES = 16_000_000  # decimal: a size converted with 1024*1024 (MiB) once broke the cap in a public record
 GPTQ_BLOCK = 128
-GPTQ_DAMPS = (0.01, 0.1, 1.0)  # 1% of the mean diagonal, then ten and a hundred times it before giving up on a matrix
+GPTQ_DAMP_RETRIES = (1, 10, 100)  # GPTQ_DAMP, then ten and a hundred times it, before giving up on a matrix
 ARTIFACT_MAGIC = b"PGLF"
-ARTIFACT_VERSION = 3  # 3: the model's meta holds its architecture and the kept switches' states
+# 3: the model's meta holds its architecture and the kept switches' states; 4: RoPE turns the other
+# way and LN scale follows the physical layer, so a version-3 model would load and score wrongly
+ARTIFACT_VERSION = 4
 COMPRESSORS = ("zlib", "zstd", "brotli", "lzma")
 ARTIFACT_HEADER = struct.Struct("<4sBBBQI")  # magic, version, compressor, flags, payload bytes, crc32
 FLAG_BYTE_SHUFFLE = 1
@@ -1987,10 +2250,12 @@ def exact_float32():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def gptq_round(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int) -> tuple[torch.Tensor, float] | None:
+def gptq_round(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int,
+               damp: float = 0.01) -> tuple[torch.Tensor, float] | None:
     """Full-Hessian GPTQ with fixed per-row scales. w: (rows, cols), H: (cols, cols) = mean x x^T of
-    the layer's inputs. Returns (integers as float, the damping used), or None when the Cholesky
-    factorisation fails at every damping in GPTQ_DAMPS."""
+    the layer's inputs; damp: the fraction of H's mean diagonal added to it. Returns (integers as
+    float, the damping used), or None when the Cholesky factorisation fails at damp times every
+    factor of GPTQ_DAMP_RETRIES."""
     W = w.float().clone()
     H = H.float().clone()
     dead = torch.diag(H) == 0
@@ -1999,11 +2264,11 @@ def gptq_round(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int)
     perm = torch.argsort(torch.diag(H), descending=True)  # act-order (damping shifts every diagonal alike)
     W, H = W[:, perm], H[perm][:, perm]
     eye, mean_diag = torch.eye(H.size(0), device=H.device), torch.mean(torch.diag(H))
-    for damp in GPTQ_DAMPS:
+    for factor in GPTQ_DAMP_RETRIES:
         try:
             with exact_float32():
-                Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + damp * mean_diag * eye)),
-                                             upper=True)
+                Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
+                    H + factor * damp * mean_diag * eye)), upper=True)
             break
         except torch.linalg.LinAlgError:
             continue
@@ -2025,7 +2290,16 @@ def gptq_round(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int)
                 W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)], damp
+    return Q[:, torch.argsort(perm)], factor * damp
+
+
+def passthrough(t: torch.Tensor, storage: str, args: Hyperparameters) -> torch.Tensor:
+    """How an unquantised tensor is stored: fp32 as it is; an embedding with EMBED_BITS=16 in bf16
+    (PR #754 stored its bf16 embedding this way: the low mantissa bits that fp16 would add cost
+    ~0.2 MB and carry no information the record had); everything else fp16."""
+    if storage == "fp32":
+        return t
+    return t.bfloat16() if storage == "embed" and args.embed_bits == 16 else t.half()
 
 
 def quantize_state_dict(state: dict[str, torch.Tensor], args: Hyperparameters,
@@ -2037,23 +2311,21 @@ def quantize_state_dict(state: dict[str, torch.Tensor], args: Hyperparameters,
         out["dtype"][name] = str(t.dtype).removeprefix("torch.")
         spec = quant_spec_for(name, t, args)
         if spec is None:
-            out["passthrough"][name] = t if parameter_role(name).storage == "fp32" else t.half()
+            out["passthrough"][name] = passthrough(t, parameter_role(name, args).storage, args)
             continue
         q, scale = quantize_rows(t, spec)
         H = hessians.get(name) if hessians is not None else None
-        if H is not None and (args.gptq_embed or parameter_role(name).storage != "embed"):
-            result = gptq_round(t.to(H.device), H, scale.float().to(H.device), spec.qmax)
+        if H is not None and (args.gptq_embed or parameter_role(name, args).storage != "embed"):
+            result = gptq_round(t.to(H.device), H, scale.float().to(H.device), spec.qmax, args.gptq_damp)
             if result is None:
-                # Plain rounding with QUANT_CLIP's own rule, not a clip search: the search spreads the
-                # integers over more values and packs ~1.5 bits per weight larger than the SDClip that
-                # SIZE_CHECK vouches for.
+                # Plain rounding with the clip rule's own scales, which SIZE_CHECK vouches for.
                 if log:
-                    log(f"gptq: Cholesky failed for {name} at every damping in {GPTQ_DAMPS}; "
+                    log(f"gptq: Cholesky failed for {name} at every damping up to {100 * args.gptq_damp:g}; "
                         f"plain rounding with {spec.clip} clips")
             else:
                 q, damp = result[0].cpu(), result[1]
-                if damp != GPTQ_DAMPS[0] and log:
-                    log(f"gptq: {name} needed damping {damp} (Cholesky failed at less)")
+                if damp != args.gptq_damp and log:
+                    log(f"gptq: {name} needed damping {damp:g} (Cholesky failed at less)")
         out["q"][name], out["scale"][name] = q.to(torch.int8), scale
     return out
 
@@ -2067,7 +2339,7 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor
     head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
     targets = {}
     for name, _ in model.named_parameters():
-        source = parameter_role(name).hessian
+        source = parameter_role(name, model.args).hessian
         if source == "own":
             targets[name] = modules[name.removesuffix(".weight")]
         elif source == "head" and name == head:
@@ -2095,39 +2367,44 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor
             h.remove()
         model.train(was_training)
     out = {}
-    for name in sorted(sums):  # the same order on every rank
-        total = rt.all_reduce(torch.cat([sums[name].reshape(-1), torch.tensor([float(counts[name])], device=sums[name].device)]))
-        out[name] = (total[:-1] / total[-1]).view_as(sums[name])
+    for name in sorted(targets):  # the same order on every rank, also on one that had no batch
+        dim = targets[name].in_features if isinstance(targets[name], nn.Linear) else model.args.model_dim
+        local = sums.get(name, torch.zeros(dim, dim, device=rt.device))
+        total = rt.all_reduce(torch.cat([local.reshape(-1), torch.tensor([float(counts.get(name, 0))], device=rt.device)]))
+        out[name] = (total[:-1] / total[-1].clamp_min(1)).view(dim, dim)
     return out
 
 
-def training_calibration_batches(loader: "DistributedTokenLoader", ctx: Context, local: int):
-    """GPTQ_CALIB_SEQS training sequences over all ranks, in micro-batches of the training shape."""
-    args, rt = ctx.args, ctx.rt
+def training_calibration_batches(files: list[str], ctx: Context, local: int, shares: int):
+    """The first GPTQ_CALIB_SEQS training sequences (first_sequences), each rank its contiguous
+    part, in batches of the training micro-batch's rows. The Hessians are summed over the ranks, so
+    they do not depend on the number of processes."""
+    args = ctx.args
+    mine = rank_slice(first_sequences(args, files, args.gptq_calib_seqs, shares), ctx.rt)
     per_batch = max(1, local // args.train_seq_len)
-    remaining = -(-args.gptq_calib_seqs // rt.world_size)
-    while remaining > 0:
-        n = min(per_batch, remaining)
-        yield loader.next_batch(n * args.train_seq_len, args.train_seq_len)[0]
-        remaining -= n
+    for i in range(0, len(mine), per_batch):
+        yield mine[i:i + per_batch].to(ctx.rt.device)
 
 
 @torch.no_grad()
-def selfgen_calibration_batches(model: GPT, ctx: Context, batch: int = 16):
-    """Sequences sampled from the trained model itself (temperature 0.8, from BOS): calibration
-    that uses no training data, so it needs no share of the training budget."""
+def selfgen_calibration_batches(model: GPT, ctx: Context, batch: int = 8):
+    """GPTQ_CALIB_SEQS sequences of GPTQ_SELFGEN_LEN tokens sampled from the trained model itself
+    (temperature 0.8, from a uniformly random first token, PR #1658's recipe): calibration that uses
+    no training data, so it needs no share of the training budget. Batch b has its own generator,
+    and each rank samples its contiguous part of the batches, so the set does not depend on the
+    number of processes. Yields each sequence without its last token (which nothing would read)."""
     args, rt = ctx.args, ctx.rt
-    gen = torch.Generator(device=rt.device).manual_seed(args.seed + 2 + rt.rank)
-    remaining = -(-args.gptq_calib_seqs // rt.world_size)
+    n_batches = -(-args.gptq_calib_seqs // batch)
     model.eval()
-    while remaining > 0:
-        x = torch.full((min(batch, remaining), 1), BOS_ID, dtype=torch.long, device=rt.device)
+    for b in rank_slice(list(range(n_batches)), rt):
+        gen = torch.Generator(device=rt.device).manual_seed(args.seed + 1000 * (b + 1))
+        rows = min(batch, args.gptq_calib_seqs - b * batch)
+        x = torch.randint(0, args.vocab_size, (rows, 1), generator=gen, device=rt.device)
         for _ in range(args.gptq_selfgen_len - 1):
             with rt.autocast():
                 logits = model.forward_logits(x)[:, -1].float()
             x = torch.cat([x, torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=gen)], dim=1)
-        remaining -= x.size(0)
-        yield x
+        yield x[:, :-1]
 
 
 def dequantize_state_dict(qstate: dict) -> dict[str, torch.Tensor]:
@@ -2197,7 +2474,7 @@ def compress(data: bytes, name: str, level: int) -> bytes:
         return brotli.compress(data, quality=11 if level < 0 else min(level, 11))
     import lzma
 
-    return lzma.compress(data, preset=(9 if level < 0 else min(level, 9)) | lzma.PRESET_EXTREME)
+    return lzma.compress(data, preset=9 if level < 0 else min(level, 9))
 
 
 def decompress(data: bytes, name: str) -> bytes:
@@ -2225,6 +2502,26 @@ def pack_artifact(qstate: dict, meta: dict, compressor: str, level: int, shuffle
     return header + payload
 
 
+def pack_within_cap(qstate: dict, meta: dict, args: Hyperparameters, code_bytes: int, log=None) -> bytes:
+    """The artifact with COMPRESSOR; if it and the code exceed the cap, the other compressors at
+    their maximum level in turn (the header names the one used), the first that fits, else the
+    smallest. On weights rounded to a fixed grid (the sp1024 records' scale floor) zstd's output
+    size jumps by several percent with small changes of its input, and brotli-11 packs ~5% smaller:
+    a run should not be lost to that."""
+    blob = pack_artifact(qstate, meta, args.compressor, args.compress_level, args.byte_shuffle)
+    for other in ("brotli", "lzma", "zstd"):
+        if len(blob) + code_bytes <= CAP_BYTES:
+            break
+        if other == args.compressor:
+            continue
+        candidate = pack_artifact(qstate, meta, other, -1, args.byte_shuffle)
+        if log:
+            log(f"artifact: {len(blob) + code_bytes} bytes with the code, over the cap; {other}: "
+                f"{len(candidate) + code_bytes}")
+        blob = min(blob, candidate, key=len)
+    return blob
+
+
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
     """-> (meta, quantised weights). Every failure is one ArtifactError line naming the file."""
     if len(blob) < 5 or blob[:4] != ARTIFACT_MAGIC:
@@ -2246,6 +2543,11 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
         return deserialize(byte_unshuffle(raw) if flags & FLAG_BYTE_SHUFFLE else raw)
     except Exception as e:  # a CRC collision or a writer bug: still one line
         raise ArtifactError(f"{source} cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+def artifact_head(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(ARTIFACT_HEADER.size)
 
 
 def read_artifact(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -2359,9 +2661,6 @@ def summary_table(rows: list[tuple[str, str]]) -> list[str]:
 # data order untouched). After training: quantise, pack, write, read back, score.
 # =================================================================================================
 
-CAP_BYTES = 16_000_000  # decimal: a size converted with 1024*1024 (MiB) once broke the cap in a public record
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -2387,25 +2686,54 @@ def batch_split(ctx: Context) -> tuple[int, int]:
     return accum, local
 
 
-def sync_banked_gradients(optimizers, banked: "ParallelMuon", ctx: Context) -> None:
-    """PARALLEL_MUON without DDP: average the small parameters' gradients with one all-reduce,
-    reduce-scatter the banks, clip by the global norm of the averaged gradients (clipping per-rank
-    gradients, as one public record did, clips by the wrong norm), step."""
-    small = [p for opt in optimizers if opt is not banked for g in opt.param_groups for p in g["params"]]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in small]
-    if ctx.rt.distributed and grads:
+def average_gradients(params: list, rt: Runtime) -> list[torch.Tensor]:
+    """Average the gradients of `params` over the ranks with one all-reduce; returns them (also set
+    as .grad). A parameter the forward did not use keeps no gradient, so AdamW leaves it and its
+    state alone (every rank runs the same forward, so they agree on which)."""
+    used = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in used]
+    if rt.distributed and grads:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-        grads = list(torch.split(flat, [p.numel() for p in small]))
-    for p, g in zip(small, grads):
+        grads = list(torch.split(flat, [p.numel() for p in used]))
+    for p, g in zip(used, grads):
         p.grad = g.view_as(p)
+    return grads
+
+
+def clips_per_share(args: Hyperparameters) -> bool:
+    return args.grad_clip_norm > 0 and args.grad_clip_scope == "share"
+
+
+def clip_share(params: list, clipped: list | None, accum: int, max_norm: float) -> list:
+    """GRAD_CLIP_SCOPE=share: move this micro-batch's gradient (of loss / accum) out of .grad, clipped
+    to max_norm as the gradient of its own mean loss, and add it to `clipped`. On 8 GPUs a micro-batch
+    is one GPU's share, and this is what clipping each rank's gradient before averaging did in three
+    of the records; here it does not depend on the number of processes."""
+    grads = [p.grad for p in params]  # None where the forward did not use the parameter
+    norm = torch.stack([g.float().square().sum() for g in grads if g is not None]).sum().sqrt() * accum
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # a tensor: no host sync
+    for p in params:
+        p.grad = None
+    scaled = [None if g is None else g * factor for g in grads]
+    if clipped is None:
+        return scaled
+    return [c if s is None else s if c is None else c + s for c, s in zip(clipped, scaled)]
+
+
+def sync_banked_gradients(optimizers, banked: "ParallelMuon", ctx: Context) -> None:
+    """PARALLEL_MUON without DDP: average the small parameters' gradients with one all-reduce,
+    reduce-scatter the banks, clip by the global norm of the averaged gradients (unless each share was
+    clipped already), step."""
+    small = [p for opt in optimizers if opt is not banked for g in opt.param_groups for p in g["params"]]
+    grads = average_gradients(small, ctx.rt)
     bank_sq = banked.reduce_gradients()
     scale = 1.0
-    if ctx.args.grad_clip_norm > 0:
+    if ctx.args.grad_clip_norm > 0 and not clips_per_share(ctx.args):
         total_sq = ctx.rt.all_reduce(bank_sq.clone()) + sum(g.float().square().sum() for g in grads)
         scale = torch.clamp(ctx.args.grad_clip_norm / (total_sq.sqrt() + 1e-6), max=1.0)  # a tensor: no host sync
-        for p in small:
-            p.grad.mul_(scale)
+        for g in grads:
+            g.mul_(scale)
     for opt in optimizers:
         if opt is banked:
             opt.step(grad_scale=scale)
@@ -2414,8 +2742,13 @@ def sync_banked_gradients(optimizers, banked: "ParallelMuon", ctx: Context) -> N
 
 
 def training_step(model, optimizers, batches, ctx: Context, accum: int) -> torch.Tensor:
-    """One optimizer step over `accum` micro-batches; returns the mean loss (a device tensor)."""
-    total = torch.zeros((), device=ctx.rt.device)
+    """One optimizer step over `accum` micro-batches; returns the mean loss (a device tensor). The
+    gradient is clipped after averaging (clipping per-rank gradients, as several records did by
+    accident, clips by a norm that depends on the number of GPUs), or per share (GRAD_CLIP_SCOPE)."""
+    args = ctx.args
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    per_share = clips_per_share(args)
+    total, clipped = torch.zeros((), device=ctx.rt.device), None
     for micro, (x, y) in enumerate(batches):
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.require_backward_grad_sync = micro == accum - 1
@@ -2423,13 +2756,19 @@ def training_step(model, optimizers, batches, ctx: Context, accum: int) -> torch
             loss = model(x, y)
         (loss / accum).backward()
         total += loss.detach()
+        if per_share:
+            clipped = clip_share(params, clipped, accum, args.grad_clip_norm)
+    if per_share:
+        for p, g in zip(params, clipped):
+            p.grad = g
     banked = next((opt for opt in optimizers if isinstance(opt, ParallelMuon)), None)
     if banked is not None:
         sync_banked_gradients(optimizers, banked, ctx)
-    elif ctx.args.grad_clip_norm > 0:  # DDP has averaged the gradients by now
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, ctx.args.grad_clip_norm)
-    if banked is None:
+    else:
+        if per_share:  # no DDP in this mode: the clipped shares are averaged here
+            average_gradients(params, ctx.rt)
+        elif args.grad_clip_norm > 0:  # DDP has averaged the gradients by now
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
         for opt in optimizers:
             opt.step()
     for opt in optimizers:
@@ -2468,13 +2807,15 @@ def compile_warmup(model, raw: GPT, optimizers, switches: list[Switch], ctx: Con
             "undone")
 
 
-def calibrate_on_training_data(raw: GPT, loader, ctx: Context, local: int, elapsed_s: float) -> tuple[dict, float]:
-    """GPTQ Hessians from the next training batches; the seconds count as training time (a public
+def calibrate_on_training_data(raw: GPT, files, ctx: Context, accum: int, local: int,
+                               elapsed_s: float) -> tuple[dict, float]:
+    """GPTQ Hessians from the first training sequences; the seconds count as training time (a public
     record calibrated after its 600 s and was ruled to have trained longer)."""
     args, rt = ctx.args, ctx.rt
     rt.sync()
     t0 = time.perf_counter()
-    hessians = collect_hessians(raw, training_calibration_batches(loader, ctx, local), rt)
+    batches = training_calibration_batches(files, ctx, local, rt.world_size * accum)
+    hessians = collect_hessians(raw, batches, rt)
     rt.sync()
     calib_s = time.perf_counter() - t0
     total = elapsed_s + calib_s
@@ -2497,12 +2838,14 @@ def log_validation(model: GPT, val: ValidationSet, ctx: Context, step: int, elap
 def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: ValidationSet) -> TrainResult:
     args, rt, log = ctx.args, ctx.rt, ctx.log
     accum, local = batch_split(ctx)
-    loader = DistributedTokenLoader(files, args.vocab_size, rt.rank, rt.world_size, rt.device)
+    loader = make_loader(args, files, rt.rank, rt.world_size, accum, rt.device)
     optimizers = build_optimizers(raw, args, rt.device)
     model = torch.compile(raw, dynamic=False) if rt.compile else raw
-    if rt.distributed and not args.parallel_muon:  # Parallel Muon reduces the gradients itself
+    if rt.distributed and not args.parallel_muon and not clips_per_share(args):  # else training_step reduces
+        # layer recurrence's gates are unused until the recurrence switches on
+        unused = args.num_loops > 0 and args.loop_mode == "layer"
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, find_unused_parameters=unused)
     log(f"train: {len(files)} shards, world {rt.world_size} x accum {accum} x {local} tokens "
         f"= {args.train_batch_tokens} tokens/step, params {sum(p.numel() for p in raw.parameters())}")
     compile_warmup(model, raw, optimizers, switches, ctx, accum, local)
@@ -2532,7 +2875,7 @@ def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: Validation
         if ema is not None:
             ema.update(raw)
         if swa is not None and step % args.swa_every == 0 and mult < args.swa_start_scale:
-            swa.add(ema.shadow if ema is not None else list(raw.parameters()))
+            swa.add(list(raw.parameters()))
         # One all-reduce (MAX) gives every rank the same clock: the same learning rates and the
         # same stop step everywhere.
         elapsed.fill_(train_s + time.perf_counter() - t0)
@@ -2555,7 +2898,7 @@ def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: Validation
     pre_quant = log_validation(raw, val, ctx, step, elapsed_s)
     hessians = None
     if args.gptq and args.gptq_calib == "train":  # training data: inside the training time
-        hessians, calib_s = calibrate_on_training_data(raw, loader, ctx, local, elapsed_s)
+        hessians, calib_s = calibrate_on_training_data(raw, files, ctx, accum, local, elapsed_s)
         elapsed_s += calib_s
     return TrainResult(step, elapsed_s, stopped_early, pre_quant, hessians)
 
@@ -2571,9 +2914,11 @@ class ArtifactInfo:
         return self.bytes_model + self.bytes_code
 
 
-def scheme_name(args: Hyperparameters) -> str:
-    """The quantisation scheme as the log lines name it, e.g. int8_zlib or int6_gptq_brotli."""
-    return f"int{args.matrix_bits}{'_gptq' if args.gptq else ''}_{args.compressor}"
+def scheme_name(args: Hyperparameters, blob_head: bytes | None = None) -> str:
+    """The quantisation scheme as the log lines name it, e.g. int8_zlib or int6_gptq_brotli, with the
+    compressor an artifact's header names (pack_within_cap may have used another than COMPRESSOR)."""
+    compressor = COMPRESSORS[ARTIFACT_HEADER.unpack_from(blob_head)[2]] if blob_head else args.compressor
+    return f"int{args.matrix_bits}{'_gptq' if args.gptq else ''}_{compressor}"
 
 
 def artifact_meta(args: Hyperparameters, switches: list[Switch]) -> dict:
@@ -2590,15 +2935,14 @@ def write_artifact(raw: GPT, switches: list[Switch], ctx: Context, hessians=None
     if ctx.rt.master:
         t0 = time.perf_counter()
         qstate = quantize_state_dict(raw.state_dict(), args, hessians, log)
-        blob = pack_artifact(qstate, artifact_meta(args, switches), args.compressor, args.compress_level,
-                             args.byte_shuffle)
+        blob = pack_within_cap(qstate, artifact_meta(args, switches), args, len(code), log)
         atomic_write_bytes(path, blob)
         if args.self_extract:
             atomic_write_bytes(ctx.out_dir / "train_gpt_packed.py", code)
         log(f"artifact: quantised{' with GPTQ' if hessians else ''} and packed in {time.perf_counter() - t0:.1f}s")
     ctx.rt.barrier()
     info = ArtifactInfo(path, path.stat().st_size, len(code))
-    scheme = scheme_name(args)
+    scheme = scheme_name(args, artifact_head(path))
     log(f"Serialized model {scheme}: {info.bytes_model} bytes")
     log(f"Code size: {info.bytes_code} bytes{' (self-extracting copy: train_gpt_packed.py)' if args.self_extract else ''}")
     log(f"Total submission size {scheme}: {info.bytes_total} bytes")
@@ -2641,7 +2985,7 @@ def score_artifact(path, ctx: Context, val: ValidationSet) -> dict[str, EvalResu
     the submission's score. Each stage's seconds are measured and checked against the budget."""
     args, log = ctx.args, ctx.log
     model = compile_for_scoring(model_from_artifact(str(path), ctx), ctx.rt)
-    scheme = scheme_name(args)
+    scheme = scheme_name(args, artifact_head(path))
     stages = {}
 
     def report(name: str, tag: str, r: EvalResult, extra: str = "") -> None:
@@ -2722,8 +3066,12 @@ def run_training(ctx: Context, train_files, val: ValidationSet) -> int:
     hessians = result.hessians
     if args.gptq and args.gptq_calib == "selfgen":
         t0 = time.perf_counter()
-        hessians = collect_hessians(raw, selfgen_calibration_batches(raw, ctx), rt)
+        sequences = list(selfgen_calibration_batches(raw, ctx))  # sampled with the model as trained
+        recurrence = next((s for s in switches if s.name == "looping"), None)
+        with recurrence.off(raw) if recurrence else nullcontext():  # Hessians of single passes (PR #1658)
+            hessians = collect_hessians(raw, sequences, rt)
         log(f"gptq_calibration: {args.gptq_calib_seqs} self-generated sequences of {args.gptq_selfgen_len} tokens "
+            f"(the first {args.gptq_selfgen_len - 1} read) "
             f"in {time.perf_counter() - t0:.1f}s (no training data)")
     art = write_artifact(raw, switches, ctx, hessians)
     stages = score_artifact(art.path, ctx, val)
@@ -2757,10 +3105,20 @@ def run_eval_only(ctx: Context, val: ValidationSet) -> int:
     return 0
 
 
+def stand_in(shape, args: Hyperparameters) -> torch.Tensor:
+    """SIZE_CHECK's random weights of std SIZE_CHECK_STD: normal, or Student-t (SIZE_CHECK_TAIL)."""
+    nu = args.size_check_tail
+    if nu == 0:
+        return torch.randn(shape) * args.size_check_std
+    return torch.distributions.StudentT(nu).sample(shape) * args.size_check_std / math.sqrt(nu / (nu - 2))
+
+
 def run_size_check(args: Hyperparameters) -> int:
     """SIZE_CHECK=1: the artifact bytes of the configured model and scheme, no data. Random-normal
-    weights, never the zero-initialised ones (they would compress to nothing); clip by std or
-    quantile is scale-invariant, so the integers match a trained model's closely."""
+    weights of std SIZE_CHECK_STD, never the zero-initialised ones (they would compress to nothing).
+    Without QUANT_SCALE_FLOOR the clip rules are scale-invariant and the std does not matter; with
+    it, the bytes depend on the weights' absolute scale, and the sp1024 presets set the std at which
+    their record's own code packs random weights to the record's reported bytes."""
     t0 = time.perf_counter()
     model = GPT(args)
     if args.size_check_from:
@@ -2778,17 +3136,18 @@ def run_size_check(args: Hyperparameters) -> int:
         torch.manual_seed(args.seed)
         with torch.no_grad():
             for p in model.parameters():
-                p.normal_(0.0, 0.02)
+                p.copy_(stand_in(p.shape, args))
     n_params = sum(p.numel() for p in model.parameters())
     qstate = quantize_state_dict(model.state_dict(), args)
     meta = artifact_meta(args, run_switches(args))
-    model_bytes = len(pack_artifact(qstate, meta, args.compressor, args.compress_level, args.byte_shuffle))
     code_bytes = len(shipped_code(args))
+    blob = pack_within_cap(qstate, meta, args, code_bytes, lambda m: print(m, file=sys.stderr))
+    model_bytes = len(blob)
     total = model_bytes + code_bytes
     print(f"size_check preset:{args.preset} params:{n_params} bytes_model:{model_bytes} bytes_code:{code_bytes} "
           f"bytes_total:{total} limit:{CAP_BYTES}")
     verdict = "OK" if total <= CAP_BYTES else f"OVER by {total - CAP_BYTES} bytes"
-    print(f"size_check: {verdict}; scheme {scheme_name(args)}{' (GPTQ not run: no data)' if args.gptq else ''}, "
+    print(f"size_check: {verdict}; scheme {scheme_name(args, blob)}{' (GPTQ not run: no data)' if args.gptq else ''}, "
           f"{8 * model_bytes / n_params:.3f} bits/parameter, {time.perf_counter() - t0:.1f}s", flush=True)
     return 0 if total <= CAP_BYTES else 1
 

@@ -23,7 +23,8 @@ def on(flag, text="yes"):
 def loops(v):
     if not v.num_loops:
         return "-"
-    return f"{v.loop_start}-{v.loop_end} x{1 + v.num_loops} from {v.enable_looping_at:g}"
+    form = "span" if v.loop_mode == "span" else "each layer, gated"
+    return f"{v.loop_start}-{v.loop_end} x{1 + v.num_loops} ({form}) from {v.enable_looping_at:g}"
 
 
 def warmdown(v):
@@ -32,26 +33,39 @@ def warmdown(v):
     return f"last {v.warmdown_iters} steps" if v.warmdown_iters else "-"
 
 
+CLIPS = {"quantile": "quantile", "rowmax": "row max", "search": "search/row", "search_tensor": "search/tensor",
+         "sdclip": "SDClip"}
+
+
+def clip(rule, k):
+    return CLIPS[rule] + (f" {k:g}" if rule == "sdclip" else "")
+
+
 def quant(v):
-    clip = {"quantile": "fixed quantile", "percentile": "GPTQ-lite search", "sdclip": "SDClip"}[v.quant_clip]
+    matrices = f"int{v.matrix_bits} {clip(v.matrix_clip, v.matrix_clip_sigmas)}"
+    embed = "bf16" if v.embed_bits == 16 else f"int{v.embed_bits} {clip(v.embed_clip, v.embed_clip_sigmas)}"
     gptq = "" if not v.gptq else (" + GPTQ" if v.gptq_embed else " + GPTQ (matrices)")
-    k = f" k {v.matrix_clip_sigmas:g}/{v.embed_clip_sigmas:g}" if v.quant_clip == "sdclip" else ""
-    return f"int{v.matrix_bits} / int{v.embed_bits} emb, {clip}{k}{gptq}"
+    floor = ", floor 1/qmax" if v.quant_scale_floor else ""
+    return f"{matrices} / emb {embed}{floor}{gptq}"
 
 
 def ttt(v):
     if not v.ttt_enabled:
         return "-"
     freeze = f", freeze {v.ttt_freeze_blocks}" if v.ttt_freeze_blocks else ""
-    return f"{v.ttt_epochs} ep, lr {v.ttt_lr:g}, chunk {v.ttt_chunk_tokens}{freeze}"
+    freeze += " (scales only)" if v.ttt_freeze_blocks and not v.ttt_freeze_matrices else ""
+    warm = f", warm-up {v.ttt_warmup_frac:g}" if v.ttt_warmup_frac else ""
+    return f"{v.ttt_epochs} ep, lr {v.ttt_lr:g}{warm}, chunk {v.ttt_chunk_tokens}{freeze}"
 
 
 # (area, feature, cell from the effective Hyperparameters)
 FEATURES = [
     ("data", "tokenizer", lambda v: f"sp{v.vocab_size}"),
+    ("data", "training loader", lambda v: v.train_loader),
     ("model", "layers x width, heads/kv", lambda v: f"{v.num_layers}x{v.model_dim}, {v.num_heads}/{v.num_kv_heads}"),
     ("model", "MLP", lambda v: f"{v.mlp_mult}x {v.mlp_act}"),
-    ("model", "partial RoPE", lambda v: f"{v.rope_dims}/{v.model_dim // v.num_heads}" if v.rope_dims else "-"),
+    ("model", "partial RoPE, base", lambda v: (f"{v.rope_dims}/{v.model_dim // v.num_heads}" if v.rope_dims else "all")
+     + f", {v.rope_base:.6g}"),
     ("model", "LN scale 1/sqrt(i+1)", lambda v: on(v.ln_scale)),
     ("model", "QK gain init", lambda v: f"{v.qk_gain_init:g}"),
     ("model", "XSA", lambda v: "all" if v.xsa_last_n >= v.num_layers else (f"last {v.xsa_last_n}" if v.xsa_last_n else "-")),
@@ -62,23 +76,30 @@ FEATURES = [
     ("model", "BigramHash", lambda v: f"{v.bigram_vocab_size}x{v.bigram_dim}" if v.bigram_vocab_size else "-"),
     ("model", "U-Net skips", lambda v: ("gated" if v.skip_gates else "yes") if v.unet_skips else "-"),
     ("model", "depth recurrence", loops),
-    ("model", "parallel residuals", lambda v: f"from {v.parallel_residual_start}" if v.parallel_residual_start >= 0 else "-"),
-    ("model", "block attention residuals", lambda v: on(v.attn_res, f"{v.attn_res_block_size}, {v.attn_res_mix:g}, "
-                                                             f"{v.attn_res_temp:g}")),
+    ("model", "parallel residuals", lambda v: (f"from {v.parallel_residual_start}" + (", gated" if v.parallel_residual_gate
+                                                                                       else ""))
+     if v.parallel_residual_start >= 0 else "-"),
+    ("model", "block attention residuals", lambda v: on(v.attn_res, f"{v.attn_res_blocks} blocks, "
+                                                             f"{v.attn_res_mix:g}, {v.attn_res_temp:g}")),
     ("model", "OrthoInit", lambda v: on(v.ortho_init)),
     ("training", "Muon lr / wd", lambda v: f"{v.matrix_lr:g} / {v.muon_wd:g}"),
-    ("training", "MuonEq-R", lambda v: on(v.muon_row_normalize)),
+    ("training", "Muon normalisation", lambda v: "rows (MuonEq-R)" if v.muon_row_normalize
+     else ("gradient" if v.muon_grad_normalize else "-")),
     ("training", "Parallel Muon (banks)", lambda v: on(v.parallel_muon)),
     ("training", "momentum", lambda v: f"{v.muon_momentum_warmup_start:g}->{v.muon_momentum:g} / {v.muon_momentum_warmup_steps}"),
     ("training", "AdamW wd (scalars / emb)", lambda v: f"{v.adam_wd:g} / {v.embed_wd:g}"),
+    ("training", "gradient clip", lambda v: f"{v.grad_clip_norm:g}" + (" per share" if v.grad_clip_scope == "share" else "")
+     if v.grad_clip_norm else "-"),
     ("training", "warm-down", warmdown),
     ("training", "time cap / steps", lambda v: f"{v.max_wallclock_seconds:g} s" if v.max_wallclock_seconds else f"{v.iterations} steps"),
     ("training", "EMA", lambda v: f"{v.ema_decay:g}" if v.ema_decay else "-"),
-    ("training", "SWA", lambda v: f"every {v.swa_every} below {v.swa_start_scale:g}" if v.swa_every else "-"),
+    ("training", "SWA", lambda v: f"every {v.swa_every} below {v.swa_start_scale:g}"
+     + (", mean with EMA" if v.ema_decay else "") if v.swa_every else "-"),
     ("training", "late QAT", lambda v: f"below {v.late_qat_threshold:g}" if v.late_qat_threshold else "-"),
     ("artifact", "quantisation", quant),
     ("artifact", "compressor", lambda v: v.compressor + (f"-{v.compress_level}" if v.compress_level >= 0 else "")
      + (" + shuffle" if v.byte_shuffle else "")),
+    ("artifact", "control tensors", lambda v: "fp32" if v.control_fp32 else "fp16"),
     ("artifact", "self-extracting code", lambda v: on(v.self_extract)),
     ("evaluation", "sliding window", lambda v: f"stride {v.eval_stride}" if v.eval_stride else "-"),
     ("evaluation", "score-first TTT", ttt),

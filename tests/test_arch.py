@@ -21,19 +21,24 @@ FEATURES = {
     "xsa_last_2": ({"XSA_LAST_N": "2"}, 0),
     "xsa_all": ({"XSA_LAST_N": str(L)}, 0),
     "gated_attn": ({"GATED_ATTN": "1"}, L * (H * d + H)),
-    "gated_attn_headwise": ({"GATED_ATTN": "headwise", "XSA_LAST_N": str(L)}, L * (H * D + H)),
-    "value_residual": ({"VALUE_RESIDUAL": "1"}, (L - 1) * 2),
+    "gated_attn_headwise": ({"GATED_ATTN": "headwise", "XSA_LAST_N": str(L)}, L * H * d),  # H rows of c_q
+    "value_residual": ({"VALUE_RESIDUAL": "1"}, L * 2),  # layer 0's pair is held but unused
     "value_embeddings": ({"VE_ENABLED": "1", "VE_DIM": "8", "VE_LAYERS": "2,3"}, V * 8 + 8 * KV + 1 + 2),
     "smear_gate": ({"SMEAR_GATE": "1"}, d),
     "bigram_hash": ({"BIGRAM_VOCAB_SIZE": "50", "BIGRAM_DIM": "8"}, 50 * 8 + 8 * d + 1),
     "leaky2": ({"MLP_ACT": "leaky2"}, 0),
     "skip_gates": ({"SKIP_GATES": "1"}, 2 * d),
     "recurrence": ({"NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2"}, 2 * d),  # 8 virtual: 4 skips
+    "recurrence_layer": ({"NUM_LOOPS": "1", "LOOP_START": "1", "LOOP_END": "2", "LOOP_MODE": "layer"}, 2),
     "parallel_residual": ({"PARALLEL_RESIDUAL_START": "2"}, 0),
-    "attn_res": ({"ATTN_RES": "1"}, L * d),
+    "parallel_residual_gate": ({"PARALLEL_RESIDUAL_START": "2", "PARALLEL_RESIDUAL_GATE": "1"}, 2),
+    "attn_res": ({"ATTN_RES": "1"}, (L - L // 2) * d),  # queries for the layers after the first block
 }
-ALL = {k: v for env, _ in FEATURES.values() for k, v in env.items()} | {"XSA_LAST_N": str(L)}  # headwise gates
-ALL_EXTRA = sum(extra for name, (_, extra) in FEATURES.items() if name not in ("skip_gates", "gated_attn")) + 4 * d
+# Every feature at once, but one gate form, one recurrence form and no routing (which needs
+# physical layers: ATTN_RES with recurrence is refused).
+NOT_IN_ALL = ("gated_attn", "recurrence_layer", "attn_res")
+ALL = {k: v for name, (env, _) in FEATURES.items() if name not in NOT_IN_ALL for k, v in env.items()}
+ALL_EXTRA = sum(extra for name, (_, extra) in FEATURES.items() if name not in NOT_IN_ALL + ("skip_gates",)) + 4 * d
 
 
 def make(env: dict, seed: int = 0) -> GPT:
@@ -79,13 +84,14 @@ def test_feature_param_count_forward_backward(name):
 def test_feature_changes_the_output(name):
     """Same values for every shared parameter; only the feature differs. A no-op feature fails."""
     on = randomize(make(FEATURES[name][0])).eval()
-    if name == "recurrence":  # the same weights with the loop off
+    if name.startswith("recurrence"):  # the same weights with the loop off
         off = make(FEATURES[name][0]).eval()
         off.load_state_dict(on.state_dict())
         off.looping = False
     else:
         off = make({}).eval()
-        off.load_state_dict({k: v for k, v in on.state_dict().items() if k in off.state_dict()}, strict=False)
+        shapes = {k: v.shape for k, v in off.state_dict().items()}  # c_q without the headwise gate rows
+        off.load_state_dict({k: v[:shapes[k][0]] for k, v in on.state_dict().items() if k in shapes}, strict=False)
     x = tokens()
     with torch.no_grad():
         assert not torch.allclose(on.forward_logits(x), off.forward_logits(x), atol=1e-4)
@@ -194,12 +200,18 @@ def test_ortho_init():
     assert not torch.allclose(plain @ plain.T, torch.eye(64), atol=1e-2)
 
 
-def test_all_parameters_grouped_and_trained():
-    model = make(ALL)
+@pytest.mark.parametrize("features", ["all", "recurrence_layer", "attn_res"])
+def test_all_parameters_grouped_and_trained(features):
+    """Every trainable parameter is in one optimizer group and moves in three steps; the only one that
+    does not train is layer 0's value-residual pair, which nothing reads."""
+    model = make(ALL if features == "all" else {**FEATURES[features][0], "VALUE_RESIDUAL": "1"})
     groups = parameter_groups(model)
     names = [n for g in groups.values() for n, _ in g]
-    assert sorted(names) == sorted(n for n, _ in model.named_parameters()) and len(set(names)) == len(names)
-    assert {n for n, _ in groups["embed"]} == {"tok_emb.weight", "bigram.table.weight", "ve_table.weight"}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(trainable) and len(set(names)) == len(names)
+    assert set(n for n, _ in model.named_parameters()) - set(trainable) == {"blocks.0.attn.vr_lambda"}
+    if features == "all":
+        assert {n for n, _ in groups["embed"]} == {"tok_emb.weight", "bigram.table.weight", "ve_table.weight"}
     assert len(groups["matrix"]) == 6 * L
     args = model.args
     optimizers = build_optimizers(model, args, torch.device("cpu"))
@@ -212,7 +224,7 @@ def test_all_parameters_grouped_and_trained():
             opt.step()
             opt.zero_grad()
     for n, p in model.named_parameters():
-        assert not torch.equal(p, before[n]), f"{n} never changed: no gradient or no optimizer"
+        assert not torch.equal(p, before[n]) or n == "blocks.0.attn.vr_lambda", f"{n} never changed"
 
 
 def test_compile_fullgraph_recompiles_once_when_looping_switches():
@@ -240,3 +252,125 @@ def test_inductor_compiles_the_full_feature_model():
     loss.backward()
     assert torch.isfinite(loss) and torch.allclose(loss, model(x, torch.roll(x, -1, 1)), atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_ln_scale_is_the_physical_layers_before_and_after_the_switch():
+    """The normalised input of block i's attention has RMS 1/sqrt(i+1), whether recurrence is off or
+    on (then blocks 1 and 2 run three times each: always their own scale, never the virtual depth's)."""
+    model = randomize(make({"LN_SCALE": "1", "NUM_LOOPS": "2", "LOOP_START": "1", "LOOP_END": "2"})).eval()
+    seen = []
+    for i, block in enumerate(model.blocks):
+        block.attn.register_forward_hook(lambda m, inp, out, i=i: seen.append((i, inp[0].pow(2).mean(-1).sqrt())))
+    for looping in (False, True):
+        seen.clear()
+        model.looping = looping
+        with torch.no_grad():
+            model.forward_logits(tokens())
+        assert [i for i, _ in seen] == model.layer_order()
+        for i, rms in seen:
+            assert torch.allclose(rms, torch.full_like(rms, (i + 1) ** -0.5), rtol=1e-4), (looping, i)
+
+
+def test_headwise_gate_logits_are_rows_of_c_q():
+    """Each head's output is scaled by sigmoid of c_q's extra row for that head applied to the block's
+    normalised input (no bias); the rows are a Muon matrix and the artifact rounds them with c_q."""
+    from train_gpt import quant_spec_for
+
+    model = randomize(make({"GATED_ATTN": "headwise", "XSA_LAST_N": str(L)})).eval()
+    attn = model.blocks[1].attn
+    assert attn.c_q.weight.shape == (d + H, d) and not hasattr(attn, "gate_w")
+    plain = make({"XSA_LAST_N": str(L)}).blocks[1].attn.eval()  # the same attention without a gate
+    plain.load_state_dict({**attn.state_dict(), "c_q.weight": attn.c_q.weight[:d]})
+    x = torch.randn(2, 7, d)
+    cos, sin = model.rotary(7, "cpu")
+    seen = {}
+    for name, module in (("gated", attn), ("plain", plain)):
+        module.proj.register_forward_hook(lambda m, inp, out, name=name: seen.__setitem__(name, inp[0]))
+        with torch.no_grad():
+            module(x, cos, sin)
+    gate = torch.sigmoid(x @ attn.c_q.weight[d:].T)  # (2, 7, H)
+    expected = seen["plain"].view(2, 7, H, D) * gate[..., None]
+    assert torch.allclose(seen["gated"], expected.view(2, 7, d), atol=1e-6)
+    groups = {n for n, _ in parameter_groups(model)["matrix"]}
+    assert "blocks.1.attn.c_q.weight" in groups and not any("gate" in n for n, _ in model.named_parameters())
+    big = torch.zeros(512 + 8, 512)
+    assert quant_spec_for("blocks.1.attn.c_q.weight", big, model.args) is not None  # rounded with c_q, gate rows too
+
+
+def test_layer_recurrence_blends_each_extra_pass_by_its_gate():
+    """LOOP_MODE=layer on one layer, by hand: x1 = B(x0), x2 = x1 + g * (B(x1) - x1); with the gate at
+    its initial 0 the recurrence changes nothing."""
+    model = randomize(make({"NUM_LAYERS": "1", "NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "0",
+                            "LOOP_MODE": "layer", "UNET_SKIPS": "0"})).eval()
+    assert model.units(looping=True) == [[0, 0]] and model.skip_weights is None
+    x = tokens()
+    block, g = model.blocks[0], model.recur_gates[0]
+    with torch.no_grad():
+        x0 = torch.nn.functional.rms_norm(model.tok_emb(x), (d,))
+        cos, sin = model.rotary(x.size(1), "cpu")
+        x1 = block(x0, x0, cos, sin)[0]
+        x2 = x1 + g * (block(x1, x0, cos, sin)[0] - x1)
+        expected = torch.nn.functional.rms_norm(x2, (d,))
+        assert torch.allclose(model.hidden(x), expected, atol=1e-5)
+        model.recur_gates.zero_()
+        model.looping = False
+        off = model.hidden(x)
+        model.looping = True
+        assert torch.equal(model.hidden(x), off)
+
+
+@pytest.mark.parametrize("mode", ["span", "layer"])
+def test_layer_zero_never_mixes_in_its_own_values(mode):
+    """Value residual with a recurrence that repeats layer 0: its second pass gets no v0, so the pair
+    that layer 0 holds (for the records' parameter count) has no effect."""
+    model = randomize(make({"VALUE_RESIDUAL": "1", "NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "1",
+                            "LOOP_MODE": mode})).eval()
+    assert model.layer_order(looping=True).count(0) == 2
+    x = tokens()
+    with torch.no_grad():
+        before = model.hidden(x)
+        model.blocks[0].attn.vr_lambda.copy_(torch.tensor([3.0, -2.0]))
+        assert torch.equal(model.hidden(x), before)
+        model.blocks[1].attn.vr_lambda.copy_(torch.tensor([3.0, -2.0]))  # the check can fail: layer 1's matters
+        assert not torch.allclose(model.hidden(x), before)
+
+
+def test_layer_recurrence_pairs_skips_over_physical_layers():
+    model = make({"NUM_LAYERS": "11", "NUM_LOOPS": "1", "LOOP_START": "3", "LOOP_END": "5", "LOOP_MODE": "layer"})
+    assert model.layer_order(looping=True) == [0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10]
+    assert model.skip_weights.shape == (5, d) and model.recur_gates.shape == (3,)
+
+
+def test_parallel_residual_gate_by_hand():
+    model = randomize(make({"PARALLEL_RESIDUAL_START": "0", "PARALLEL_RESIDUAL_GATE": "1"})).eval()
+    block = model.blocks[2]
+    x, x0 = torch.randn(2, 5, d), torch.randn(2, 5, d)
+    cos, sin = model.rotary(5, "cpu")
+    with torch.no_grad():
+        xin = block.resid_mix[0] * x + block.resid_mix[1] * x0
+        n = torch.nn.functional.rms_norm(xin, (d,))
+        a = block.attn(n, cos, sin)[0]
+        g = block.par_gate
+        expected = xin + g * block.attn_scale * a + (1 - g) * block.mlp_scale * block.mlp(n)
+        assert torch.allclose(block(x, x0, cos, sin)[0], expected, atol=1e-6)
+
+
+def test_attention_residual_routing_by_hand():
+    """ATTN_RES_BLOCKS=2 on 4 layers: blocks of 2, sources = the embedding and layer 1's output, routing
+    only in layers 2 and 3, logits q . rmsnorm(source) / (sqrt(d) * temp)."""
+    model = randomize(make({"ATTN_RES": "1", "ATTN_RES_BLOCKS": "2", "ATTN_RES_TEMP": "0.7",
+                            "ATTN_RES_MIX": "0.3"})).eval()
+    assert model.attn_res_first == 2 and model.attn_res_q.shape == (2, d)
+    g = torch.Generator().manual_seed(5)
+    x, s0, s1 = (torch.randn(2, 5, d, generator=g) for _ in range(3))
+    q = model.attn_res_q[1]  # layer 3's query
+    logits = torch.stack([(torch.nn.functional.rms_norm(s, (d,)) * q).sum(-1) for s in (s0, s1)], -1) / (d ** 0.5 * 0.7)
+    w = torch.softmax(logits, -1)
+    expected = 0.7 * x + 0.3 * (w[..., :1] * s0 + w[..., 1:] * s1)
+    with torch.no_grad():
+        assert torch.allclose(model.route(x, [s0, s1], 3), expected, atol=1e-6)
+    routed = []
+    model.route = lambda x, sources, layer: routed.append((layer, len(sources))) or x
+    with torch.no_grad():
+        model.forward_logits(tokens())
+    assert routed == [(2, 2), (3, 2)]

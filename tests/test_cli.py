@@ -131,7 +131,8 @@ def test_optimiser_stack_end_to_end(tiny_data, tmp_path):
     proc = run_script(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "late_qat: on at step 5 (lr_mult 0.7500): int6 fake quantisation in 4 matrices" in proc.stdout
-    assert "final weights: SWA mean of 3 EMA snapshots" in proc.stdout  # after steps 6, 7, 8 (mult 0.75, 0.5, 0.25)
+    # snapshots after steps 6, 7, 8 (mult 0.75, 0.5, 0.25), averaged with the EMA
+    assert "final weights: mean of EMA (decay 0.9) and the SWA mean of 3 snapshots" in proc.stdout
 
 
 def test_every_rank_stops_at_the_same_step(tiny_data, tmp_path):

@@ -38,6 +38,14 @@ def test_dump_lists_every_knob_with_its_source():
     ({"NUM_HEADS": "8", "NUM_KV_HEADS": "3"}, ["NUM_KV_HEADS"]),
     ({"TRAIN_BATCH_TOKENS": "1000", "TRAIN_SEQ_LEN": "64"}, ["TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN"]),
     ({"EVAL_ONLY": "1"}, ["ARTIFACT"]),
+    ({"QUANT_CLIP": "percentile"}, ["QUANT_CLIP", "MATRIX_CLIP=search"]),
+    ({"ATTN_RES_BLOCK_SIZE": "2"}, ["ATTN_RES_BLOCKS", "number of blocks"]),
+    ({"ATTN_RES": "1", "NUM_LOOPS": "1"}, ["ATTN_RES", "NUM_LOOPS"]),
+    ({"PARALLEL_RESIDUAL_GATE": "1", "PARALLEL_RESIDUAL_START": "-1"}, ["PARALLEL_RESIDUAL_GATE", "PARALLEL_RESIDUAL_START"]),
+    ({"BIGRAM_PROJ_MUON": "1", "BIGRAM_VOCAB_SIZE": "0"}, ["BIGRAM_PROJ_MUON", "BIGRAM_VOCAB_SIZE"]),
+    ({"SIZE_CHECK_TAIL": "2"}, ["SIZE_CHECK_TAIL", "degrees of freedom"]),
+    ({"EMBED_BITS": "12"}, ["EMBED_BITS", "16"]),
+    ({"GPTQ_DAMP": "0"}, ["GPTQ_DAMP", "out of range"]),
 ])
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(ConfigError) as e:

@@ -10,7 +10,7 @@ import torch
 
 from build_shards import BuildError, build, read_documents
 from conftest import TINY_VOCAB
-from train_gpt import (BOS_ID, HEADER_BYTES, DataError, DistributedTokenLoader, build_byte_tables,
+from train_gpt import (BOS_ID, HEADER_BYTES, DataError, DistributedTokenLoader, ShuffledLoader, build_byte_tables,
                        load_tokenizer, read_shard, write_shard)
 
 
@@ -66,6 +66,74 @@ def test_loader_one_rank_many_micro_steps_equals_many_ranks(tmp_path):
             x, y = single.next_batch(local, seq)  # one process takes the same spans one after another
             assert torch.equal(x, per_rank[r][0]) and torch.equal(y, per_rank[r][1])
             assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+
+
+def seed_shuffled_reference(files, share, shares, n_rows, seq_len):
+    """PR #1493's shuffled loader for rank `share` of `shares` GPUs, written out from its description:
+    shards share, share+shares, ...; PCG64(share); per shard a random phase and a permutation of its
+    windows; each row picks a shard in proportion to its windows left and pops that shard's last."""
+    mine = files[share::shares]
+    rng = np.random.Generator(np.random.PCG64(share))
+    tokens = [read_shard(f, 1 << 16) for f in mine]
+    starts = []
+    for t in tokens:
+        max_phase = min(seq_len - 1, max(0, len(t) - seq_len - 1))
+        phase = int(rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        starts.append(list(phase + rng.permutation((len(t) - 1 - phase) // seq_len) * seq_len))
+    rows = []
+    for _ in range(n_rows):
+        left = np.array([len(s) for s in starts], dtype=np.float64)
+        i = int(rng.choice(len(mine), p=left / left.sum()))
+        start = starts[i].pop()
+        rows.append(tokens[i][start:start + seq_len + 1].astype(np.int64))
+    return torch.from_numpy(np.stack(rows))
+
+
+@pytest.fixture(scope="module")
+def sixteen_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards16")
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(16):
+        files.append(str(out / f"fineweb_train_{i:06d}.bin"))
+        write_shard(files[-1], rng.integers(0, 60000, size=int(rng.integers(400, 900))))
+    return files
+
+
+def test_shuffled_loader_is_the_records_loader(sixteen_shards):
+    """Share v of the batch draws exactly what rank v of 8 GPUs drew in PR #1493's loader; its
+    windows do not overlap within an epoch of a shard."""
+    seq = 16
+    for share in (0, 5):
+        loader = ShuffledLoader(sixteen_shards, 1 << 16, rank=share, world_size=8, accum=1, device="cpu")
+        x, y = loader.next_batch(20 * seq, seq)
+        x2, _ = loader.next_batch(20 * seq, seq)
+        ref = seed_shuffled_reference(sixteen_shards, share, 8, 40, seq)
+        assert torch.equal(x, ref[:20, :-1]) and torch.equal(y, ref[:20, 1:]) and torch.equal(x2, ref[20:, :-1])
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_shuffled_loader_one_process_equals_many(sixteen_shards, world):
+    """1 process with 8 micro-steps sees the sequences that `world` processes see with 8/world."""
+    seq, rows = 16, 6
+    single = ShuffledLoader(sixteen_shards, 1 << 16, rank=0, world_size=1, accum=8, device="cpu")
+    ranks = [ShuffledLoader(sixteen_shards, 1 << 16, rank=r, world_size=world, accum=8 // world, device="cpu")
+             for r in range(world)]
+    for _ in range(3):  # steps
+        alone = [single.next_batch(rows * seq, seq)[0] for _ in range(8)]
+        together = [r.next_batch(rows * seq, seq)[0] for r in ranks for _ in range(8 // world)]
+        assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def test_shuffled_loader_needs_a_shard_per_share(sixteen_shards):
+    with pytest.raises(DataError, match="at least 32 training shards"):
+        ShuffledLoader(sixteen_shards, 1 << 16, rank=0, world_size=4, accum=8, device="cpu")
+
+
+def test_shuffled_loader_refuses_shards_shorter_than_a_window(sixteen_shards):
+    loader = ShuffledLoader(sixteen_shards, 1 << 16, rank=0, world_size=8, accum=1, device="cpu")
+    with pytest.raises(DataError, match="holds a sequence of 1001 tokens"):
+        loader.next_batch(4 * 1000, 1000)  # the shards have 400-900 tokens
 
 
 MULTIBYTE_DOCS = [

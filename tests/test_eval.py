@@ -15,7 +15,7 @@ import torch
 from conftest import log_values, run_script, tiny_env
 from test_model import randomize, tiny_args
 from train_gpt import (CPU_RUNTIME_FOR_TESTS, GPT, ByteTables, Context, ValidationSet, eval_windows, evaluate,
-                       evaluate_ttt, read_shard, ttt_lr_at, ttt_train_chunk, window_sums, write_shard)
+                       evaluate_ttt, read_shard, ttt_frozen, ttt_lr_at, ttt_train_chunk, window_sums, write_shard)
 
 
 def on_cpu(args) -> Context:
@@ -135,6 +135,19 @@ def test_evaluation_batches_have_one_shape(model_and_val):
 def test_ttt_cosine_schedule():
     args = tiny_args(TTT_LR="0.004")
     assert [ttt_lr_at(c, 4, args) for c in range(5)] == pytest.approx([0.004, 0.003414, 0.002, 0.000586, 0.0], abs=1e-6)
+    # with a warm-up over 5% of 40 chunks (2), then the cosine over the other 37 trained chunks
+    warm = tiny_args(TTT_LR="0.004", TTT_WARMUP_FRAC="0.05")
+    cosine = lambda k: 0.004 * 0.5 * (1 + math.cos(math.pi * k / 37))  # noqa: E731
+    assert [ttt_lr_at(c, 39, warm) for c in (0, 1, 2, 20, 38)] == pytest.approx(
+        [0.002, 0.004, 0.004, cosine(18), cosine(36)], abs=1e-9)
+
+
+def test_ttt_freezes_whole_blocks_or_only_their_scales():
+    model = GPT(tiny_args(NUM_LAYERS="2", TTT_FREEZE_BLOCKS="1"))
+    block0 = {n for n, _ in model.named_parameters() if n.startswith("blocks.0.")}
+    assert ttt_frozen(model, model.args) == block0
+    scales = ttt_frozen(model, model.args.replace("test", ttt_freeze_matrices=False))
+    assert scales == {"blocks.0.attn_scale", "blocks.0.mlp_scale", "blocks.0.resid_mix", "blocks.0.attn.q_gain"}
 
 
 @pytest.fixture(scope="module")

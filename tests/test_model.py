@@ -2,6 +2,8 @@
 repeat-and-attend reference, RoPE's relative-position property, the initialisation table, and that
 every trainable parameter is in exactly one optimizer group."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,10 @@ def test_rope_is_relative_and_norm_preserving():
     assert not torch.allclose(d1, at(q, 5) @ at(k, 4), atol=1e-3)
     # frequencies: theta_i = base^(-2i/d) with the rotated width d (no rescaling with the length)
     assert torch.allclose(torch.atan2(sin[0, 1, 0], cos[0, 1, 0]), 10000.0 ** (-torch.arange(0, 16, 2) / 16), atol=1e-5)
+    # direction, by hand: position 1 turns the pair (x[0], x[8]) = (1, 0) by -theta_0 = -1 radian
+    e0 = torch.zeros(16)
+    e0[0] = 1.0
+    assert torch.allclose(at(e0, 1)[[0, 8]], torch.tensor([math.cos(1.0), -math.sin(1.0)]), atol=1e-6)
 
 
 def test_init_table():

@@ -166,8 +166,9 @@ def test_ema_and_swa_arithmetic_and_application():
     for value in (1.0, 2.0, 6.0):
         swa.add([torch.full((1, 2), value)])
     torch.testing.assert_close(swa.mean[0], torch.full((1, 2), 3.0))
-    assert apply_final_weights(model, ema, swa) == "SWA mean of 3 EMA snapshots"
-    assert torch.all(model.weight == 3.0)  # really applied, not only collected
+    assert apply_final_weights(model, ema, swa) == "mean of EMA (decay 0.9) and the SWA mean of 3 snapshots"
+    torch.testing.assert_close(model.weight.detach(), torch.full((1, 2), (0.29 + 3.0) / 2))  # really applied
+    assert apply_final_weights(model, None, swa) == "SWA mean of 3 snapshots" and torch.all(model.weight == 3.0)
     assert apply_final_weights(model, ema, SWA()) == "EMA (decay 0.9)" and torch.allclose(model.weight, ema.shadow[0])
     assert apply_final_weights(model, None, None) == "raw weights of the last step"
 
@@ -190,14 +191,14 @@ def test_late_qat_is_straight_through_fake_quantisation():
     torch.testing.assert_close(lin.weight.grad, torch.ones(4, 8).T @ x)
 
 
-@pytest.mark.parametrize("bits, clip", [(6, "sdclip"), (6, "percentile"), (8, "quantile"), (5, "sdclip")])
+@pytest.mark.parametrize("bits, clip", [(6, "sdclip"), (6, "search"), (8, "quantile"), (5, "rowmax")])
 def test_late_qat_trains_against_the_artifacts_grid(bits, clip):
     """For the same weights and scheme, the weight a QAT forward uses is exactly the weight the
     artifact stores (dequantised), and QAT covers exactly the matrices the artifact rounds."""
     from test_arch import make, randomize
 
     model = randomize(make({"MODEL_DIM": "256", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MATRIX_BITS": str(bits),
-                            "QUANT_CLIP": clip, "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "512"}))
+                            "MATRIX_CLIP": clip, "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "512"}))
     args = model.args
     stored = dequantize_state_dict(quantize_state_dict(model.state_dict(), args))
     quantised = set(quantize_state_dict(model.state_dict(), args)["q"])
@@ -326,3 +327,78 @@ def test_compile_warmup_compiles_every_graph_the_run_uses(tiny_data):
         batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
         training_step(model, optimizers, batches, ctx, accum)
     assert len(compiles) == warmed
+
+
+def test_muon_grad_normalize_divides_each_gradient_by_its_norm():
+    """MUON_GRAD_NORMALIZE: the same as Muon fed g / ||g||_F (computed here), for one matrix and for
+    the banked optimiser, over three steps (so the momentum sees normalised gradients)."""
+    torch.manual_seed(0)
+    w0, grads = torch.randn(32, 48), [torch.randn(32, 48) * s for s in (0.1, 3.0, 0.5)]
+    kw = dict(lr=0.02, momentum=0.9, weight_decay=0.1)
+    ours = run_muon(Muon, w0, grads, grad_normalize=True, **kw)
+    ref = run_muon(Muon, w0, [g / g.norm() for g in grads], **kw)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert not torch.allclose(run_muon(Muon, w0, grads, **kw), ref, atol=1e-3)  # it matters at these scales
+
+    def banked(grads_):
+        p = torch.nn.Parameter(w0.clone())
+        opt = ParallelMuon([p], grad_normalize=grads_ is grads, **kw)
+        for g in grads_:
+            p.grad = g.clone()
+            opt.reduce_gradients()
+            opt.step()
+        return p.data
+    assert torch.allclose(banked(grads), banked([g / g.norm() for g in grads]), atol=1e-6)
+
+
+def test_per_share_clipping_by_hand():
+    """GRAD_CLIP_SCOPE=share: the step's gradient is the mean over micro-batches of each one's own
+    gradient clipped to the norm (computed here with torch's clip_grad_norm_ per micro-batch)."""
+    from train_gpt import CPU_RUNTIME_FOR_TESTS, Context, training_step
+    from test_arch import make, randomize
+
+    model = randomize(make({"GRAD_CLIP_NORM": "0.05", "GRAD_CLIP_SCOPE": "share"}))
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(2, 64, (2, 16), generator=g), torch.randint(2, 64, (2, 16), generator=g)) for _ in range(3)]
+    expected = None
+    for x, y in batches:
+        ref.zero_grad()
+        ref(x, y).backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.05)
+        grads = [p.grad.clone() / 3 for p in ref.parameters()]
+        expected = grads if expected is None else [a + b for a, b in zip(expected, grads)]
+
+    class Capture(torch.optim.Optimizer):  # records the gradient the optimiser is given
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            self.seen = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+    opt = Capture(list(model.parameters()))
+    training_step(model, [opt], batches, Context(model.args, CPU_RUNTIME_FOR_TESTS), 3)
+    for got, want in zip(opt.seen, expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    per_batch = copy.deepcopy(model)  # the whole batch's clip gives another gradient
+    per_batch.args = per_batch.args.replace("test", grad_clip_scope="batch")
+    opt2 = Capture(list(per_batch.parameters()))
+    training_step(per_batch, [opt2], batches, Context(per_batch.args, CPU_RUNTIME_FOR_TESTS), 3)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(opt2.seen, expected))
+
+
+@pytest.mark.parametrize("env", [{"GRAD_CLIP_SCOPE": "share"}, {"PARALLEL_MUON": "1"}, {}])
+def test_a_parameter_the_forward_does_not_use_gets_no_adam_step(env):
+    """Layer recurrence's gates are unused until the switch: they keep no gradient, so AdamW neither
+    moves them (weight decay included) nor spends its bias correction on them (as in PR #1658)."""
+    from train_gpt import CPU_RUNTIME_FOR_TESTS, Context, training_step
+    from test_arch import make
+
+    model = make({"NUM_LOOPS": "1", "LOOP_START": "1", "LOOP_END": "2", "LOOP_MODE": "layer", "GRAD_CLIP_NORM": "0.3",
+                  "ADAM_WD": "0.1", **env})
+    model.looping = False
+    optimizers = build_optimizers(model, model.args, torch.device("cpu"))
+    x = torch.randint(2, 64, (2, 16))
+    training_step(model, optimizers, [(x, x)], Context(model.args, CPU_RUNTIME_FOR_TESTS), 1)
+    adam = optimizers[0]
+    assert model.recur_gates not in adam.state and torch.all(model.recur_gates == 0)
+    assert model.blocks[0].attn_scale in adam.state  # the others did step

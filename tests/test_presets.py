@@ -1,6 +1,7 @@
-"""The seed presets: each turns on what its seed lists (checked against values written out here
-from the seeds, not read from PRESETS), each fits the 16,000,000-byte cap at
-full size, and each runs end to end at tiny dimensions with its features on."""
+"""The seed presets: each carries the values of its record's own code (written out here from the
+fidelity tables in records/<preset>/README.md, not read from PRESETS), has exactly the parameter
+count its record logged, fits the 16,000,000-byte cap at full size within 3% of its record's
+artifact bytes, and runs end to end at tiny dimensions with its features on."""
 
 import re
 import subprocess
@@ -10,46 +11,74 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import ROOT, run_script, tiny_env
-from train_gpt import CAP_BYTES, PRESETS, Hyperparameters
+from train_gpt import CAP_BYTES, GPT, PRESETS, Hyperparameters
 
 SEED_PRESETS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754")
 FULL_SIZE = (*SEED_PRESETS, "baseline")
 
-# Seed by seed (the values every preset must carry).
+# What the five records share.
 COMMON = dict(NUM_LAYERS=11, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048,
               TRAIN_BATCH_TOKENS=786432, LOGIT_SOFTCAP=30.0, TIE_EMBEDDINGS=True, ROPE_DIMS=16, LN_SCALE=True,
-              EVAL_STRIDE=64, TTT_ENABLED=True)
+              ORTHO_INIT=True, GRAD_CLIP_NORM=0.3, MUON_MOMENTUM=0.99, MUON_MOMENTUM_WARMUP_START=0.92,
+              MUON_MOMENTUM_WARMUP_STEPS=1500, EVAL_STRIDE=64, TTT_MOMENTUM=0.9, TTT_GRAD_CLIP=1.0)
+NTK = 22081.790273476247  # 10000 * 2^(16/14): the sp1024 records' rotary, built for 1024, at 2048
 SEED_TABLE = {
-    "pr2005": dict(VOCAB_SIZE=8192, MLP_MULT=4, MLP_ACT="leaky2", LOOP_START=3, LOOP_END=5, NUM_LOOPS=2,
-                   ENABLE_LOOPING_AT=0.35, UNET_SKIPS=True, SKIP_GATES=True, XSA_LAST_N=11, GATED_ATTN="headwise",
-                   MUON_ROW_NORMALIZE=True, MUON_WD=0.095, MATRIX_LR=0.022, ADAM_WD=0.02, EMBED_WD=0.02,
-                   EMA_DECAY=0.9965, WARMDOWN_FRAC=0.72, MIN_LR=0.0, GPTQ=True, MATRIX_BITS=6, EMBED_BITS=7,
-                   COMPRESSOR="brotli", TTT_CHUNK_TOKENS=32000, TTT_EPOCHS=3, TTT_LR=0.005, TTT_MOMENTUM=0.9,
-                   MAX_WALLCLOCK_SECONDS=600.0, SMEAR_GATE=False, VALUE_RESIDUAL=False, BIGRAM_VOCAB_SIZE=0),
-    "pr1658": dict(VOCAB_SIZE=8192, MLP_MULT=4, LOOP_START=3, LOOP_END=5, ENABLE_LOOPING_AT=0.35, UNET_SKIPS=True,
-                   PARALLEL_RESIDUAL_START=7, XSA_LAST_N=11, SMEAR_GATE=True, MUON_ROW_NORMALIZE=True, MUON_WD=0.095,
-                   MATRIX_LR=0.022, SCALAR_LR=0.02, EMA_DECAY=0.9965, GPTQ=True, QUANT_CLIP="sdclip", MATRIX_BITS=6,
-                   EMBED_BITS=8, COMPRESSOR="brotli", COMPRESS_LEVEL=-1, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32000,
-                   TTT_LR=0.005, WARMDOWN_FRAC=0.72, GATED_ATTN="0"),
-    "pr1232": dict(VOCAB_SIZE=1024, MLP_MULT=3, MLP_ACT="leaky2", GATED_ATTN="1", QK_GAIN_INIT=1.5,
-                   VALUE_RESIDUAL=True, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=4096, BIGRAM_DIM=128, SMEAR_GATE=True,
-                   MUON_WD=0.04, MUON_MOMENTUM=0.99, MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035,
-                   EMA_DECAY=0.997, MATRIX_BITS=6, EMBED_BITS=6, COMPRESSOR="zstd", COMPRESS_LEVEL=16,
-                   ITERATIONS=20000, WARMDOWN_ITERS=12000, WARMUP_STEPS=20, MAX_WALLCLOCK_SECONDS=0.0,
-                   TTT_EPOCHS=10, TTT_LR=0.002, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=2, NUM_LOOPS=0),
-    "pr1696": dict(VOCAB_SIZE=1024, MLP_MULT=3, MLP_ACT="leaky2", XSA_LAST_N=11, VE_ENABLED=True, VE_DIM=128,
-                   VE_LAYERS="9,10", UNET_SKIPS=True, ATTN_RES=True, ATTN_RES_BLOCK_SIZE=2, ATTN_RES_MIX=0.25,
-                   ATTN_RES_TEMP=1.1, PARALLEL_MUON=True, MUON_MOMENTUM_WARMUP_STEPS=1500, EMA_DECAY=0.997,
-                   SWA_EVERY=50, MATRIX_BITS=6, LATE_QAT_THRESHOLD=0.15, COMPRESSOR="lzma", WARMDOWN_ITERS=3500,
-                   TTT_LR=0.003, TTT_EPOCHS=3, TTT_FREEZE_BLOCKS=1, TTT_CHUNK_TOKENS=32768),
-    "pr754": dict(VOCAB_SIZE=1024, MLP_MULT=3, MLP_ACT="leaky2", PARALLEL_MUON=True, MUON_WD=0.04,
-                  MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM=0.99, MUON_MOMENTUM_WARMUP_STEPS=1500,
-                  SMEAR_GATE=True, BIGRAM_VOCAB_SIZE=1536, BIGRAM_DIM=128, VALUE_RESIDUAL=True, GATED_ATTN="1",
-                  XSA_LAST_N=4, ORTHO_INIT=True, EMA_DECAY=0.997, SWA_EVERY=50, SWA_START_SCALE=0.2,
-                  QUANT_CLIP="sdclip", MATRIX_BITS=6, LATE_QAT_THRESHOLD=0.15, COMPRESSOR="zstd",
-                  COMPRESS_LEVEL=22, WARMDOWN_ITERS=3500, TTT_LR=0.002, TTT_MOMENTUM=0.9, TTT_EPOCHS=3,
-                  TTT_CHUNK_TOKENS=32000),
+    "pr2005": dict(VOCAB_SIZE=8192, MLP_MULT=4, MLP_ACT="leaky2", ROPE_BASE=10000.0, NUM_LOOPS=2, LOOP_START=3,
+                   LOOP_END=5, LOOP_MODE="span", ENABLE_LOOPING_AT=0.35, UNET_SKIPS=True, SKIP_GATES=True,
+                   XSA_LAST_N=11, GATED_ATTN="headwise", PARALLEL_RESIDUAL_START=7, PARALLEL_RESIDUAL_GATE=False,
+                   QK_GAIN_INIT=5.25, MATRIX_LR=0.022, SCALAR_LR=0.02, TIED_EMBED_LR=0.03, MUON_ROW_NORMALIZE=True,
+                   MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085, GRAD_CLIP_SCOPE="batch", EMA_DECAY=0.9965, SWA_EVERY=0,
+                   WARMDOWN_FRAC=0.72, MIN_LR=0.0, MAX_WALLCLOCK_SECONDS=600.0, TRAIN_LOADER="shuffled",
+                   MATRIX_BITS=6, EMBED_BITS=7, MATRIX_CLIP="sdclip", EMBED_CLIP="sdclip", MATRIX_CLIP_SIGMAS=12.85,
+                   EMBED_CLIP_SIGMAS=15.0, QUANT_SCALE_FLOOR=False, CONTROL_FP32=False, GPTQ=True, GPTQ_EMBED=True,
+                   GPTQ_CALIB="train", GPTQ_CALIB_SEQS=3072, GPTQ_RESERVE_SECONDS=12.0, COMPRESSOR="brotli",
+                   BYTE_SHUFFLE=True, TTT_ENABLED=True, TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3, TTT_LR=0.005,
+                   TTT_FREEZE_BLOCKS=0, SMEAR_GATE=False, VALUE_RESIDUAL=False, BIGRAM_VOCAB_SIZE=0, LATE_QAT_THRESHOLD=0.0),
+    "pr1658": dict(SEED=42, VOCAB_SIZE=8192, MLP_MULT=4, MLP_ACT="leaky2", ROPE_BASE=NTK, NUM_LOOPS=1, LOOP_START=3,
+                   LOOP_END=5, LOOP_MODE="layer", ENABLE_LOOPING_AT=0.35, UNET_SKIPS=True, SKIP_GATES=False,
+                   PARALLEL_RESIDUAL_START=7, PARALLEL_RESIDUAL_GATE=True, XSA_LAST_N=11, SMEAR_GATE=True,
+                   GATED_ATTN="0", QK_GAIN_INIT=5.25, MATRIX_LR=0.022, SCALAR_LR=0.02, TIED_EMBED_LR=0.03,
+                   MUON_ROW_NORMALIZE=False, MUON_GRAD_NORMALIZE=True, MUON_WD=0.095, ADAM_WD=0.02, EMBED_WD=0.085,
+                   GRAD_CLIP_SCOPE="share", EMA_DECAY=0.9965, SWA_EVERY=50, SWA_START_SCALE=0.2, WARMDOWN_FRAC=0.72,
+                   TRAIN_LOADER="stream", MATRIX_BITS=6, EMBED_BITS=8, MATRIX_CLIP="sdclip", EMBED_CLIP="sdclip",
+                   MATRIX_CLIP_SIGMAS=12.85, EMBED_CLIP_SIGMAS=20.0, CONTROL_FP32=False, GPTQ=True, GPTQ_EMBED=False,
+                   GPTQ_CALIB="selfgen", GPTQ_CALIB_SEQS=64, GPTQ_SELFGEN_LEN=2048, GPTQ_DAMP=0.0201,
+                   GPTQ_RESERVE_SECONDS=12.0, COMPRESSOR="brotli", BYTE_SHUFFLE=False, TTT_ENABLED=False,
+                   LATE_QAT_THRESHOLD=0.0),
+    "pr1232": dict(VOCAB_SIZE=1024, MLP_MULT=3, MLP_ACT="leaky2", ROPE_BASE=NTK, GATED_ATTN="1", QK_GAIN_INIT=1.5,
+                   VALUE_RESIDUAL=True, XSA_LAST_N=11, BIGRAM_VOCAB_SIZE=4096, BIGRAM_DIM=128, BIGRAM_PROJ_MUON=True,
+                   SMEAR_GATE=True, NUM_LOOPS=0, MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035, MUON_WD=0.04,
+                   ADAM_WD=0.04, EMBED_WD=0.04, GRAD_CLIP_SCOPE="batch", EMA_DECAY=0.997, SWA_EVERY=0,
+                   ITERATIONS=20000, WARMDOWN_ITERS=12000, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0.0,
+                   MATRIX_BITS=6, MATRIX_CLIP="rowmax", EMBED_BITS=8, EMBED_CLIP="quantile", QUANT_SCALE_FLOOR=True,
+                   TABLES_STORAGE="embed", CONTROL_FP32=False, GPTQ=False, COMPRESSOR="zstd", COMPRESS_LEVEL=16,
+                   TTT_ENABLED=True, TTT_EPOCHS=10, TTT_LR=0.002, TTT_WARMUP_FRAC=0.05, TTT_CHUNK_TOKENS=32768,
+                   TTT_FREEZE_BLOCKS=2, TTT_FREEZE_MATRICES=True, LATE_QAT_THRESHOLD=0.0),
+    "pr1696": dict(VOCAB_SIZE=1024, MLP_MULT=3, MLP_ACT="leaky2", ROPE_BASE=NTK, QK_GAIN_INIT=1.5, XSA_LAST_N=11,
+                   VE_ENABLED=True, VE_DIM=128, VE_LAYERS="9,10", UNET_SKIPS=True, SKIP_GATES=False, ATTN_RES=True,
+                   ATTN_RES_BLOCKS=2, ATTN_RES_MIX=0.25, ATTN_RES_TEMP=1.1, SMEAR_GATE=False, BIGRAM_VOCAB_SIZE=0,
+                   PARALLEL_MUON=True, MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035, MUON_WD=0.04,
+                   ADAM_WD=0.04, EMBED_WD=0.04, GRAD_CLIP_SCOPE="share", EMA_DECAY=0.997, SWA_EVERY=0,
+                   WARMDOWN_ITERS=3500, MAX_WALLCLOCK_SECONDS=600.0, LATE_QAT_THRESHOLD=0.0, MATRIX_BITS=6,
+                   MATRIX_CLIP="search_tensor", EMBED_BITS=8, EMBED_CLIP="quantile", QUANT_SCALE_FLOOR=True,
+                   TABLES_STORAGE="embed", CONTROL_FP32=True, GPTQ=False, COMPRESSOR="lzma", TTT_ENABLED=True,
+                   TTT_LR=0.003, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=1, TTT_FREEZE_MATRICES=False),
+    "pr754": dict(VOCAB_SIZE=1024, MLP_MULT=3, MLP_ACT="leaky2", ROPE_BASE=NTK, PARALLEL_MUON=True, MUON_WD=0.04,
+                  MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035, ADAM_WD=0.04, EMBED_WD=0.04,
+                  GRAD_CLIP_SCOPE="share", SMEAR_GATE=True, BIGRAM_VOCAB_SIZE=1536, BIGRAM_DIM=128,
+                  BIGRAM_PROJ_MUON=False, VALUE_RESIDUAL=True, GATED_ATTN="1", QK_GAIN_INIT=1.5, XSA_LAST_N=4,
+                  EMA_DECAY=0.997, SWA_EVERY=0, WARMDOWN_ITERS=3500, MAX_WALLCLOCK_SECONDS=600.0,
+                  LATE_QAT_THRESHOLD=0.0, MATRIX_BITS=6, MATRIX_CLIP="search", EMBED_BITS=16, QUANT_SCALE_FLOOR=True,
+                  TABLES_STORAGE="matrix", CONTROL_FP32=True, GPTQ=False, COMPRESSOR="zstd", COMPRESS_LEVEL=22,
+                  TTT_ENABLED=True, TTT_LR=0.002, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=32768, TTT_FREEZE_BLOCKS=0),
 }
+# model_params in each record's log (PR #1658 logged none: its count is derived from its code,
+# records/pr1658/README.md shows the sum).
+LOGGED_PARAMS = {"pr2005": 35_989_592, "pr1658": 35_939_423, "pr1232": 27_137_223, "pr1696": 26_668_123,
+                 "pr754": 26_809_543, "baseline": 17_059_912}
+# Compressed weights (model bytes) each record reported: logs, or total minus code where only that is given.
+RECORD_MODEL_BYTES = {"pr2005": 15_694_065, "pr1658": 15_539_696, "pr1232": 14_358_305, "pr1696": 15_615_952,
+                      "pr754": 15_892_614}
 BASELINE = dict(VOCAB_SIZE=1024, NUM_LAYERS=9, MLP_MULT=2, MLP_ACT="relu2", TRAIN_SEQ_LEN=1024,
                 TRAIN_BATCH_TOKENS=524288, QK_GAIN_INIT=1.5, MATRIX_LR=0.04, MUON_MOMENTUM=0.95,
                 MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500, MUON_WD=0.0, TIED_EMBED_LR=0.05,
@@ -63,7 +92,7 @@ def test_default_preset_is_pr2005():
 
 
 @pytest.mark.parametrize("name", SEED_PRESETS)
-def test_preset_matches_the_spec_table(name):
+def test_preset_matches_the_seed_table(name):
     values = Hyperparameters.from_env({"PRESET": name}).as_dict()
     expected = {**COMMON, **SEED_TABLE[name]}
     assert {k: values[k] for k in expected} == expected
@@ -71,7 +100,12 @@ def test_preset_matches_the_spec_table(name):
     assert values["TOKENIZER_PATH"].endswith(f"fineweb_{values['VOCAB_SIZE']}_bpe.model")
 
 
-def test_baseline_matches_the_spec_table():
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_parameter_count_is_the_records(name):
+    assert sum(p.numel() for p in GPT(Hyperparameters.from_env({"PRESET": name})).parameters()) == LOGGED_PARAMS[name]
+
+
+def test_baseline_matches_its_values():
     values = Hyperparameters.from_env({"PRESET": "baseline"}).as_dict()
     assert {k: values[k] for k in BASELINE} == BASELINE
 
@@ -84,7 +118,8 @@ def test_smoke_has_exactly_the_default_presets_features():
                   "train_log_every", "compile_warmup_steps", "matrix_lr", "scalar_lr", "tied_embed_lr",
                   "qk_gain_init", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps",
                   "grad_clip_norm", "ema_decay", "gptq_calib_seqs", "gptq_reserve_seconds", "byte_shuffle",
-                  "ttt_chunk_tokens", "ttt_batch_seqs"}
+                  "ttt_chunk_tokens", "ttt_batch_seqs",
+                  "parallel_residual_start", "train_loader"}  # the sample has 1 shard: the stream reads it
     smoke, default = PRESETS["smoke"], PRESETS["pr2005"]
     assert {k for k in set(smoke) | set(default) if smoke.get(k) != default.get(k)} <= scale_only
 
@@ -96,13 +131,21 @@ SIZE_LINE = re.compile(r"^size_check preset:(\S+) params:(\d+) bytes_model:(\d+)
 def size_check(name: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "SIZE_CHECK": "1", "PRESET": name}
     return subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=400)
+                          text=True, timeout=900)
+
+
+# How close SIZE_CHECK's model bytes must come to the record's. brotli and lzma respond smoothly to
+# the weights; zstd-16/22 on weights rounded to a fixed grid jump by ~5% when the input moves by a
+# byte (measured on pr1232's stand-in: 14,289,852 bytes, and 15,074,027 with one byte in front), so
+# the zstd records' own sizes carry that much chance.
+TOLERANCE = {"brotli": 0.03, "lzma": 0.03, "zstd": 0.05}
 
 
 @pytest.mark.slow
-def test_every_full_size_preset_fits_the_cap():
-    """SIZE_CHECK=1 at full size for every preset, two at a time (brotli-11 on 36M weights takes
-    about a minute on one core)."""
+def test_every_full_size_preset_fits_the_cap_and_its_records_size():
+    """SIZE_CHECK=1 at full size for every preset, two at a time (brotli-11 on 36M weights takes one
+    to two minutes on one core): under the cap, and the model bytes close to what the record's
+    trained weights packed to (the stand-in weights are calibrated, see records/README.md)."""
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(FULL_SIZE, pool.map(size_check, FULL_SIZE)))
     for name, proc in results.items():
@@ -110,8 +153,11 @@ def test_every_full_size_preset_fits_the_cap():
         assert m and m.group(1) == name, (name, proc.stdout[-500:], proc.stderr[-2000:])
         params, model, code, total = map(int, m.groups()[1:])
         assert total == model + code and total <= CAP_BYTES, (name, proc.stdout)
-        assert proc.returncode == 0
-        assert params > 15_000_000 and 8 * model / params > 2.5  # real weights were measured, not zeros
+        assert proc.returncode == 0 and params == LOGGED_PARAMS[name]
+        assert 8 * model / params > 2.5  # real weights were measured, not zeros
+        if name in RECORD_MODEL_BYTES:
+            tolerance = TOLERANCE[PRESETS[name]["compressor"]]
+            assert abs(model / RECORD_MODEL_BYTES[name] - 1) < tolerance, (name, model, RECORD_MODEL_BYTES[name])
 
 
 def scaled_down(name: str, data, out) -> dict:
@@ -123,7 +169,7 @@ def scaled_down(name: str, data, out) -> dict:
                    NUM_KV_HEADS=1, MLP_MULT=p.get("mlp_mult", 4), VE_DIM=16, BIGRAM_DIM=16, TRAIN_SEQ_LEN=64,
                    EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512, ITERATIONS=8, WARMDOWN_ITERS=8, WARMUP_STEPS=0,
                    LOOP_START=p.get("loop_start", 3), LOOP_END=p.get("loop_end", 5), EVAL_STRIDE=16,
-                   GPTQ_CALIB_SEQS=8, TTT_CHUNK_TOKENS=4096, TTT_EPOCHS=1, TTT_BATCH_SEQS=8,
+                   GPTQ_CALIB_SEQS=8, GPTQ_SELFGEN_LEN=32, TTT_CHUNK_TOKENS=4096, TTT_EPOCHS=1, TTT_BATCH_SEQS=8,
                    TTT_ENABLED=int(p.get("ttt_enabled", False)))
     if not p.get("eval_stride", 64):
         env["EVAL_STRIDE"] = "0"
@@ -148,7 +194,8 @@ def test_every_preset_runs_end_to_end_scaled_down(tiny_data, tmp_path):
         p = PRESETS[name]
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
         assert f"PRESET='{name}'" in log
-        final = "legal_ttt_exact" if p.get("ttt_enabled") else "final_int8_zlib_roundtrip_exact"
+        final = "legal_ttt_exact" if p.get("ttt_enabled") else ("_sliding_window_exact" if p.get("eval_stride")
+                                                               else "final_int8_zlib_roundtrip_exact")
         assert final in log, name
         if p.get("num_loops"):
             assert "looping: on at step" in log, name

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script, tiny_env
-from train_gpt import (ARTIFACT_HEADER, ARTIFACT_VERSION, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, Context, GPTQ_DAMPS, PERCENTILE_CANDIDATES,
+from train_gpt import (ARTIFACT_HEADER, ARTIFACT_VERSION, COMPRESSORS, CPU_RUNTIME_FOR_TESTS, GPT, Context, GPTQ_DAMP_RETRIES, PERCENTILE_CANDIDATES,
                        ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
                        build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
-                       gptq_round, pack_artifact, quant_spec_for, quantize_state_dict, round_to_grid, row_quantiles,
-                       row_scales,
-                       shard_files, to_fp16_scale, training_step, unpack_artifact)
+                       gptq_round, pack_artifact, quant_spec_for, quantize_rows, quantize_state_dict, row_quantiles,
+                       shard_files, training_step, unpack_artifact)
 
 CPU = CPU_RUNTIME_FOR_TESTS
 
@@ -29,34 +28,84 @@ def test_row_quantiles_match_torch():
     torch.testing.assert_close(row_quantiles(a, qs), torch.quantile(a, torch.tensor(qs), dim=1), rtol=1e-6, atol=1e-7)
 
 
-def test_row_scales_by_hand():
+def plain_round(w, s, qmax):
+    """Rounding to the grid, written out: clamp(round(w / s), -qmax, qmax) per row."""
+    return torch.clamp(torch.round(w / s[:, None]), -qmax, qmax)
+
+
+def fp16_scale(clip, qmax, floor=2.0 ** -24):
+    return (clip / qmax).clamp_min(floor).half()
+
+
+def test_row_clips_by_hand():
     torch.manual_seed(0)
     w = torch.randn(16, 500) * torch.linspace(0.1, 3, 16)[:, None]
     w[3] = 0.0  # a zero row must not divide by zero
-    spec = QuantSpec(6, "sdclip", 12.85)
-    assert torch.equal(row_scales(w, spec), to_fp16_scale(12.85 * w.std(dim=1) / 31))
-    assert torch.equal(row_scales(w, QuantSpec(8, "quantile", 0)),
-                       to_fp16_scale(torch.quantile(w.abs(), 0.9999984, dim=1) / 127))
-    chosen = row_scales(w, QuantSpec(6, "percentile", 0)).float()
-    for r in range(16):  # brute force: the candidate with the lowest squared error, row by row
-        errs = []
-        for p in PERCENTILE_CANDIDATES:
-            s = to_fp16_scale(torch.quantile(w[r].abs(), p)[None] / 31).float()
-            errs.append((((round_to_grid(w[r:r + 1], s, 31) * s) - w[r]) ** 2).sum().item())
-        best = PERCENTILE_CANDIDATES[min(range(len(errs)), key=errs.__getitem__)]
-        assert chosen[r] == to_fp16_scale(torch.quantile(w[r].abs(), best)[None] / 31).float()[0]
+    q, s = quantize_rows(w, QuantSpec(6, "sdclip", 12.85))
+    assert torch.equal(s, fp16_scale(12.85 * w.std(dim=1), 31)) and torch.equal(q, plain_round(w, s.float(), 31))
+    q, s = quantize_rows(w, QuantSpec(8, "quantile", 0))
+    assert torch.equal(s, fp16_scale(torch.quantile(w.abs(), 0.9999984, dim=1), 127))
+    q, s = quantize_rows(w, QuantSpec(6, "rowmax", 0))
+    assert torch.equal(s, fp16_scale(w.abs().amax(dim=1), 31)) and q.abs().amax(dim=1)[4:].eq(31).all()
     for bits in (6, 7, 8):
         spec = QuantSpec(bits, "sdclip", 3.0)
-        q = round_to_grid(w, row_scales(w, spec).float(), spec.qmax)
+        q = quantize_rows(w, spec)[0]
         assert q.abs().max() == spec.qmax and torch.all(q[3] == 0)
+
+
+def brute_force_search(w, qmax, floor, per_tensor, preclip):
+    """The candidate quantile of |w| whose rounding ((clip,) scale = max(clip / qmax, floor) as fp16)
+    has the least squared error, row by row or for the whole tensor; returns the clips."""
+    rows, errors = [], []
+    for p in PERCENTILE_CANDIDATES:
+        clip = torch.quantile(w.abs(), p, dim=1)
+        s = fp16_scale(clip, qmax, floor).float()
+        wc = torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None]) if preclip else w
+        errors.append(((plain_round(wc, s, qmax) * s[:, None] - w) ** 2).sum(dim=1))
+        rows.append(clip)
+    errors, rows = torch.stack(errors), torch.stack(rows)
+    if per_tensor:
+        return rows[int(errors.sum(dim=1).argmin())]
+    return torch.stack([rows[int(errors[:, r].argmin()), r] for r in range(w.size(0))])
+
+
+@pytest.mark.parametrize("floor", [False, True])
+@pytest.mark.parametrize("rule", ["search", "search_tensor"])
+def test_search_rules_against_brute_force(rule, floor):
+    torch.manual_seed(1)
+    w = torch.randn(12, 300) * torch.linspace(0.01, 0.5, 12)[:, None]
+    w[:, :3] *= 8  # outliers, so that the candidates differ
+    spec = QuantSpec(6, rule, 0.0, floor)
+    per_tensor = rule == "search_tensor"  # PR #1696's form: one clip per tensor, rows rounded unclipped
+    clip = brute_force_search(w, 31, 1 / 31 if floor else 2.0 ** -24, per_tensor, preclip=not per_tensor)
+    q, s = quantize_rows(w, spec)
+    assert torch.equal(s, fp16_scale(clip, 31, spec.min_scale))
+    wc = w if per_tensor else torch.maximum(torch.minimum(w, clip[:, None]), -clip[:, None])
+    assert torch.equal(q, plain_round(wc, s.float(), 31))
+
+
+def test_scale_floor_and_clipping_before_rounding():
+    """With the 1/qmax floor, a row whose clip / qmax is smaller gets the fixed step 1/qmax, and its
+    values beyond the clip are clipped before rounding (not rounded to larger integers)."""
+    w = torch.tensor([[0.1, -0.1, 0.2, -0.2, 0.6], [10.0, 20.0, -31.0, 1.0, 0.0]])
+    spec = QuantSpec(6, "sdclip", 1.0, floor=True)  # clip = 1 std
+    q, s = quantize_rows(w, spec)
+    clip = w.std(dim=1)
+    assert torch.equal(s, fp16_scale(clip, 31, 1 / 31))
+    step = torch.tensor(1 / 31).half().float()
+    assert s[0].float() == step  # row 0: std 0.32, clip / 31 < 1/31: the floor
+    expected = torch.round(torch.clamp(w[0], -clip[0], clip[0]) / step)
+    assert torch.equal(q[0], expected) and q[0, 4] == 10  # 0.6 was clipped to 0.32 (19 without the clip)
+    assert s[1].float() == fp16_scale(clip[1:], 31).float()  # row 1 is above the floor
+    assert quantize_rows(w, QuantSpec(6, "sdclip", 1.0))[1][0] < step.half()  # without the floor: finer
 
 
 def test_gptq_with_uncorrelated_inputs_is_plain_rounding():
     torch.manual_seed(0)
     w = torch.randn(32, 200)
-    s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
+    s = quantize_rows(w, QuantSpec(6, "sdclip", 12.85))[1].float()
     H = torch.diag(torch.rand(200) + 0.5)  # diagonal: no error can be compensated elsewhere
-    assert torch.equal(gptq_round(w, H, s, 31)[0], round_to_grid(w, s, 31))
+    assert torch.equal(gptq_round(w, H, s, 31)[0], plain_round(w, s, 31))
     H[5, 5] = 0.0  # a dead column: zeroed
     assert torch.all(gptq_round(w, H, s, 31)[0][:, 5] == 0)
 
@@ -67,30 +116,32 @@ def test_gptq_falls_back_on_cholesky_failure():
 
 
 def test_gptq_raises_the_damping_before_giving_up():
-    """A Hessian with one eigenvalue -0.05 and fifteen 1 (mean diagonal 0.93): the first 1% damping
-    leaves it indefinite, 10% makes it positive definite."""
+    """A Hessian with one eigenvalue -0.05 and fifteen 1 (mean diagonal 0.93): 1% damping leaves it
+    indefinite, 10% makes it positive definite; 2% (PR #1658's damping) fails the same way."""
     torch.manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(16, 16))
     eig = torch.ones(16)
     eig[3] = -0.05
     H = basis @ torch.diag(eig) @ basis.T
     w = torch.randn(8, 16)
-    s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
+    s = quantize_rows(w, QuantSpec(6, "sdclip", 12.85))[1].float()
     q, damp = gptq_round(w, H, s, 31)
-    assert damp == GPTQ_DAMPS[1] and q.abs().max() <= 31
+    assert damp == pytest.approx(0.1) and q.abs().max() <= 31
+    assert gptq_round(w, H, s, 31, damp=0.0201)[1] == pytest.approx(0.201)
+    assert GPTQ_DAMP_RETRIES == (1, 10, 100)
 
 
 def test_gptq_failure_falls_back_to_the_configured_clip():
-    """When GPTQ cannot run, the matrix is rounded with QUANT_CLIP's rule, not the percentile search
-    (which packs much larger than the SDClip that SIZE_CHECK vouched for)."""
+    """When GPTQ cannot run, the matrix is rounded with its own clip rule, not a search (which packs
+    much larger than the SDClip that SIZE_CHECK vouched for)."""
     args = scheme_args(6, "sdclip", 8)
     w = torch.randn(256, 512)
     name = "blocks.0.mlp.proj.weight"
     spec = quant_spec_for(name, w, args)
     lines = []
     q = quantize_state_dict({name: w}, args, {name: -torch.eye(512)}, log=lines.append)
-    assert torch.equal(q["scale"][name], row_scales(w, spec))
-    assert torch.equal(q["q"][name], round_to_grid(w, row_scales(w, spec).float(), spec.qmax).to(torch.int8))
+    assert torch.equal(q["scale"][name], quantize_rows(w, spec)[1])
+    assert torch.equal(q["q"][name], quantize_rows(w, spec)[0].to(torch.int8))
     assert lines and "plain rounding with sdclip clips" in lines[0]
 
 
@@ -128,7 +179,7 @@ def test_gptq_algebra_runs_without_tf32(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         w = torch.randn(8, 16)
-        gptq_round(w, torch.eye(16), row_scales(w, QuantSpec(6, "sdclip", 12.85)).float(), 31)
+        gptq_round(w, torch.eye(16), quantize_rows(w, QuantSpec(6, "sdclip", 12.85))[1].float(), 31)
         assert seen == [False, False] and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
@@ -157,9 +208,9 @@ def test_gptq_beats_rounding_on_trained_activations(trained_tiny):
     gains = []
     for name, H in hessians.items():
         w = state[name]
-        s = row_scales(w, QuantSpec(6, "sdclip", 12.85)).float()
+        s = quantize_rows(w, QuantSpec(6, "sdclip", 12.85))[1].float()
         err = lambda q: torch.trace((w - q * s[:, None]) @ H @ (w - q * s[:, None]).T).sqrt().item()  # noqa: E731
-        gains.append(1 - err(gptq_round(w, H, s, 31)[0]) / err(round_to_grid(w, s, 31)))
+        gains.append(1 - err(gptq_round(w, H, s, 31)[0]) / err(plain_round(w, s, 31)))
     assert len(gains) == 2 * 6 + 1
     print("gptq reconstruction-error reduction per layer:", [round(g, 3) for g in gains])
     assert sum(gains) / len(gains) >= 0.20, gains
@@ -168,10 +219,11 @@ def test_gptq_beats_rounding_on_trained_activations(trained_tiny):
 def scheme_args(bits, clip, embed_bits):
     return Hyperparameters.from_env({"PRESET": "baseline", "VOCAB_SIZE": "512", "NUM_LAYERS": "2", "MODEL_DIM": "256", "NUM_HEADS": "4",
                                      "NUM_KV_HEADS": "2", "MLP_MULT": "2", "MATRIX_BITS": str(bits),
-                                     "QUANT_CLIP": clip, "EMBED_BITS": str(embed_bits)})
+                                     "MATRIX_CLIP": clip, "EMBED_CLIP": clip, "EMBED_BITS": str(embed_bits)})
 
 
-SCHEMES = [(8, "quantile", 8, False), (6, "percentile", 8, False), (6, "sdclip", 7, False), (6, "sdclip", 7, True)]
+SCHEMES = [(8, "quantile", 8, False), (6, "search", 8, False), (6, "sdclip", 7, False), (6, "sdclip", 7, True),
+           (6, "rowmax", 16, False)]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"int{s[0]}-{s[1]}-emb{s[2]}{'-gptq' if s[3] else ''}")
@@ -189,7 +241,8 @@ def test_artifact_round_trip_is_exact(scheme, compressor, shuffle):
     if gptq:
         hessians = collect_hessians(model, [torch.randint(0, 512, (4, 64))], CPU)
     qstate = quantize_state_dict(model.state_dict(), args, hessians)
-    assert set(qstate["q"]) == {n for n, t in model.state_dict().items() if t.numel() > 65536}
+    large = {n for n, t in model.state_dict().items() if t.numel() > 65536}
+    assert set(qstate["q"]) == large - ({"tok_emb.weight"} if embed_bits == 16 else set())
     before = dequantize_state_dict(qstate)
     arch, q2 = unpack_artifact(pack_artifact(qstate, architecture_of(args), compressor, 3, shuffle))
     after = dequantize_state_dict(q2)
@@ -198,6 +251,9 @@ def test_artifact_round_trip_is_exact(scheme, compressor, shuffle):
     for name in before:
         assert before[name].dtype == model.state_dict()[name].dtype
         assert torch.equal(before[name], after[name]), name
+    if embed_bits == 16:  # stored as bf16
+        assert torch.equal(after["tok_emb.weight"], model.state_dict()["tok_emb.weight"].bfloat16().float())
+        return
     top = q2["q"]["tok_emb.weight"].abs().max()
     assert top <= 2 ** (embed_bits - 1) - 1 and (clip == "sdclip" or top == 2 ** (embed_bits - 1) - 1)
 
@@ -245,8 +301,20 @@ def test_size_check_line_and_verdict():
     assert line.startswith("size_check preset:baseline params:") and line.endswith(" limit:16000000")
     b = {k: int(v) for k, v in (x.split(":") for x in line.split()[2:])}
     assert b["bytes_total"] == b["bytes_model"] + b["bytes_code"] and b["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
-    over = size_check(PRESET="baseline", VOCAB_SIZE=65536, NUM_LAYERS=1, COMPRESS_LEVEL=1)
-    assert over.returncode == 1 and "OVER by" in over.stdout
+
+
+
+def test_size_check_over_the_cap(monkeypatch, capsys):
+    """In process, with the cap lowered so that a tiny model is over it (a real 16 MB artifact takes
+    minutes to pack with every fallback compressor): exit status 1, the verdict, the fallbacks tried."""
+    import train_gpt
+
+    monkeypatch.setattr(train_gpt, "CAP_BYTES", 20_000)
+    args = Hyperparameters.from_env({"PRESET": "baseline", "SIZE_CHECK": "1", "SELF_EXTRACT": "0", "NUM_LAYERS": "1",
+                                     "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1"})
+    assert train_gpt.run_size_check(args) == 1
+    out = capsys.readouterr()
+    assert "OVER by" in out.out and out.err.count("over the cap") == 3
 
 
 def test_self_extracting_copy_runs_and_reproduces(tiny_data, tmp_path):
@@ -266,7 +334,7 @@ def test_self_extracting_copy_runs_and_reproduces(tiny_data, tmp_path):
 @pytest.mark.parametrize("calib", ["train", "selfgen"])
 def test_gptq_run_end_to_end(tiny_data, tmp_path, calib):
     env = tiny_env(tiny_data, tmp_path, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=5, GPTQ=1, MATRIX_BITS=6,
-                   QUANT_CLIP="sdclip", GPTQ_CALIB=calib, GPTQ_CALIB_SEQS=8, GPTQ_SELFGEN_LEN=16, TTT_ENABLED=0,
+                   MATRIX_CLIP="sdclip", GPTQ_CALIB=calib, GPTQ_CALIB_SEQS=8, GPTQ_SELFGEN_LEN=16, TTT_ENABLED=0,
                    COMPRESSOR="brotli", BYTE_SHUFFLE=1)
     proc = run_script(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -282,3 +350,25 @@ def test_quant_benchmark_runs_in_quick_mode(tiny_data, tmp_path):
     result = json.loads(out.read_text())
     assert len(result["compressors"]) == 2 * len(COMPRESSORS)
     assert [r["scheme"] for r in result["quant_gaps"]] == ["int8 quantile", "int6 round (sdclip)", "int6 GPTQ (sdclip)"]
+
+
+def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
+    """Over the cap, pack_within_cap packs with brotli, lzma and zstd in turn and keeps the first that
+    fits, else the smallest; the header names the compressor and the artifact reads back exactly."""
+    import train_gpt
+
+    args = scheme_args(6, "rowmax", 8).replace("test", compressor="zlib", compress_level=1)
+    torch.manual_seed(0)
+    qstate = quantize_state_dict(GPT(args).state_dict(), args)
+    sizes = {c: len(pack_artifact(qstate, {}, c, 1 if c == "zlib" else -1)) for c in COMPRESSORS}
+    lines = []
+    monkeypatch.setattr(train_gpt, "CAP_BYTES", 10)  # nothing fits: the smallest of all four
+    blob = train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)
+    assert len(blob) == min(sizes.values()) and len(lines) == 3
+    monkeypatch.setattr(train_gpt, "CAP_BYTES", sizes["brotli"])  # brotli fits: the search stops there
+    assert COMPRESSORS[train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)[5]] == "brotli"
+    monkeypatch.setattr(train_gpt, "CAP_BYTES", 10 ** 9)  # zlib fits: nothing else is tried
+    lines.clear()
+    assert len(train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)) == sizes["zlib"] and not lines
+    _, q2 = unpack_artifact(blob)
+    assert all(torch.equal(q2["q"][n], qstate["q"][n]) for n in qstate["q"])

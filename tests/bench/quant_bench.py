@@ -69,13 +69,14 @@ def quant_gaps(data: Path, env: dict, train_seconds: float) -> list[dict]:
     before = tg.evaluate(model, val, ctx).val_bpb
     print(f"  smoke model: {step} steps in {train_seconds:g}s, val_bpb {before:.4f} before quantisation", flush=True)
     tg.PASSTHROUGH_MAX_ELEMENTS = 4096  # see the docstring: quantise every matrix of this small model
-    hessians = tg.collect_hessians(model, tg.training_calibration_batches(loader, ctx, args.train_batch_tokens), rt)
+    files = tg.check_train_shards(args.data_path)
+    hessians = tg.collect_hessians(model, tg.training_calibration_batches(files, ctx, args.train_batch_tokens, 1), rt)
     rows = []
-    for label, over, h in (("int8 quantile", dict(MATRIX_BITS="8", EMBED_BITS="8", QUANT_CLIP="quantile"), None),
-                           ("int6 round (sdclip)", dict(MATRIX_BITS="6", EMBED_BITS="8", QUANT_CLIP="sdclip"), None),
-                           ("int6 GPTQ (sdclip)", dict(MATRIX_BITS="6", EMBED_BITS="8", QUANT_CLIP="sdclip"), hessians)):
-        qargs = args.replace("benchmark", **{k.lower(): type(getattr(args, k.lower()))(v) if k != "QUANT_CLIP" else v
-                                             for k, v in over.items()})
+    for label, over, h in (("int8 quantile", dict(matrix_bits=8, embed_bits=8, matrix_clip="quantile",
+                                                   embed_clip="quantile"), None),
+                           ("int6 round (sdclip)", dict(matrix_bits=6, embed_bits=8, matrix_clip="sdclip"), None),
+                           ("int6 GPTQ (sdclip)", dict(matrix_bits=6, embed_bits=8, matrix_clip="sdclip"), hessians)):
+        qargs = args.replace("benchmark", **over)
         blob = tg.pack_artifact(tg.quantize_state_dict(model.state_dict(), qargs, h), tg.architecture_of(qargs),
                                 "brotli", -1, True)
         q = tg.GPT(qargs)
@@ -95,7 +96,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "tests/bench/results/quant_bench.json"))
     a = ap.parse_args()
     full = dict(PRESET="pr2005", VOCAB_SIZE="8192", NUM_LAYERS="11", MODEL_DIM="512", MLP_MULT="4", MATRIX_BITS="6",
-                QUANT_CLIP="sdclip", EMBED_BITS="7", EMBED_CLIP_SIGMAS="15")
+                MATRIX_CLIP="sdclip", EMBED_BITS="7", EMBED_CLIP_SIGMAS="15")
     levels = dict(zlib=9, zstd=22, brotli=11, lzma=9)
     smoke = {}
     if a.quick:
