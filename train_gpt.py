@@ -202,6 +202,9 @@ class Hyperparameters:
     attn_res_mix: float = arch(0.25, "input = (1-mix)*x + mix*routed", lo=0.0, hi=1.0)
     attn_res_temp: float = arch(1.1, "routing logits are q.rmsnorm(source) / (sqrt(MODEL_DIM) * temp)", lo=1e-3)
     ortho_init: bool = knob(False, "orthogonal init of block and projection matrices; output projections zero")
+    doc_isolation: bool = arch(False, "no token attends across a BOS, in training, evaluation and TTT; with "
+                               "TRAIN_LOADER=stream each micro-batch is one packed row, its documents cut every "
+                               "TRAIN_SEQ_LEN tokens")
     bigram_proj_muon: bool = knob(False, "BigramHash's projection trains with Muon like a block matrix, "
                                   "initialised orthogonal / sqrt(2 * NUM_LAYERS)")
     # --- training length and batch
@@ -814,7 +817,8 @@ def read_shard(path, vocab_size: int) -> np.ndarray:
 
 
 def shard_files(data_path: str, split: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    """fineweb_<split>_NNNNNN.bin (not the fineweb_val_bytes_ sidecars)."""
+    return sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))
 
 
 HOW_TO_GET_DATA = ("build the sample with `python data/build_shards.py --input data/sample/tinyshakespeare.txt "
@@ -1027,21 +1031,57 @@ def build_byte_tables(sp) -> ByteTables:
 
 @dataclass
 class ValidationSet:
-    """The validation tokens (concatenated shards) and the byte tables that turn them into bytes."""
+    """The validation tokens (concatenated shards) and what each one counts in bytes as a target:
+    from the tokenizer's byte tables, or from a byte sidecar (CaseOps data: bytes of the original
+    text, which the tokens spell only in transformed form)."""
     tokens: torch.Tensor  # (N,) int64
-    tables: ByteTables
+    target_bytes: torch.Tensor  # (N,) int32; [0] is never a target
+    byte_source: str = "tokenizer"  # or "sidecar"
+
+    @classmethod
+    def from_tables(cls, tokens: torch.Tensor, tables: ByteTables) -> "ValidationSet":
+        tables = tables.to(tokens.device)
+        counts = torch.cat([torch.zeros(1, dtype=torch.long, device=tokens.device),
+                            tables.count(tokens[:-1], tokens[1:])])
+        return cls(tokens, counts.int())
 
     def to(self, device) -> "ValidationSet":
-        return ValidationSet(self.tokens.to(device), self.tables.to(device))
+        return ValidationSet(self.tokens.to(device), self.target_bytes.to(device), self.byte_source)
+
+    def byte_note(self) -> str:
+        """What the log lines add after val_bytes: where the bytes came from, when not the tokenizer."""
+        return " bytes_from:sidecar" if self.byte_source == "sidecar" else ""
+
+
+def sidecar_path(val_shard: str) -> str:
+    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin, beside it."""
+    head, name = os.path.split(val_shard)
+    return os.path.join(head, name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
 
 
 def load_validation(args: Hyperparameters) -> ValidationSet:
-    tables = build_byte_tables(load_tokenizer(args.tokenizer_path, args.vocab_size))
+    """The validation shards; with byte sidecars beside them (all or none) their counts are the bytes."""
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     files = find_shards(args.data_path, "val")
-    tokens = np.concatenate([read_shard(f, args.vocab_size) for f in files])
+    parts = [read_shard(f, args.vocab_size) for f in files]
+    tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
     if len(tokens) < 2:
         raise DataError(f"validation shards in {args.data_path} hold {len(tokens)} tokens; need at least 2")
-    return ValidationSet(torch.from_numpy(tokens.astype(np.int64)), tables)
+    sidecars = [sidecar_path(f) for f in files]
+    present = [os.path.isfile(f) for f in sidecars]
+    if not any(present):
+        return ValidationSet.from_tables(tokens, build_byte_tables(sp))
+    if not all(present):
+        raise DataError(f"{sidecars[present.index(False)]} is missing: every validation shard needs its byte "
+                        "sidecar, or none may have one (download or build the data again)")
+    counts = []
+    for shard, sidecar, part in zip(files, sidecars, parts):
+        c = read_shard(sidecar, 2 ** 16)
+        if len(c) != len(part):
+            raise DataError(f"{sidecar} holds {len(c)} byte counts for the {len(part)} tokens of {shard}: "
+                            "they must align 1:1 (download or build the data again)")
+        counts.append(c)
+    return ValidationSet(tokens, torch.from_numpy(np.concatenate(counts).astype(np.int32)), "sidecar")
 
 
 # =================================================================================================
@@ -1188,10 +1228,62 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """q: (B, T, H, D), k and v: (B, T, Hkv, D) -> (B, T, H, D). Query head h uses kv head h // (H/Hkv)."""
+def document_segments(input_ids: torch.Tensor, cut: int = 0) -> torch.Tensor:
+    """(B, T) segment id of every position for DOC_ISOLATION: a new segment at every BOS and, with
+    cut > 0, every `cut` tokens after its document's start (the tokens before a row's first BOS are
+    a document too). Ids are unique within a row, not consecutive."""
+    B, T = input_ids.shape
+    pos = torch.arange(T, device=input_ids.device).expand(B, T)
+    bos = input_ids == BOS_ID
+    doc = bos.long().cumsum(1)
+    if not cut:
+        return doc
+    doc_start = torch.where(bos, pos, 0).cummax(1).values
+    return doc * T + (pos - doc_start) // cut
+
+
+def segment_bounds(segments: torch.Tensor, capacity: int) -> torch.Tensor:
+    """cu_seqlens of the flattened (B*T) positions for a varlen kernel: the start of every segment (and
+    of every row), then B*T, padded with B*T to `capacity` + 1 entries, so its shape never changes
+    and the compiled graph does not either. No host sync; more segments than `capacity` stops the run
+    on the device instead of silently merging them."""
+    B, T = segments.shape
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = starts.flatten()
+    torch._assert_async(starts.sum() <= capacity, "DOC_ISOLATION: more documents in a batch than cu_seqlens holds")
+    bounds = torch.nonzero_static(starts, size=capacity, fill_value=B * T).flatten()
+    return torch.cat([bounds, bounds.new_full((1,), B * T)]).to(torch.int32)
+
+
+def varlen_capacity(B: int, T: int) -> int:
+    """Segments a varlen batch can hold: one per row, plus one per 64 tokens (FineWeb's documents
+    average about a thousand tokens)."""
+    return B + B * T // 64
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                     segments: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (B, T, H, D), k and v: (B, T, Hkv, D) -> (B, T, H, D). Query head h uses kv head h // (H/Hkv).
+    With segments (B, T), position i attends only to positions j <= i of its own segment: the varlen
+    FlashAttention kernels on GPU, a block-diagonal causal mask otherwise (the same function)."""
     if backend in ("flash3", "flash2"):  # bf16 only; under autocast q and k leave the QK-norm in float32
         q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+    if segments is not None:
+        B, T = segments.shape
+        if backend in ("flash3", "flash2"):
+            if backend == "flash3":
+                from flash_attn_interface import flash_attn_varlen_func
+            else:
+                from flash_attn import flash_attn_varlen_func
+            cu = segment_bounds(segments, varlen_capacity(B, T))
+            out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, T, T, causal=True)
+            return (out[0] if isinstance(out, tuple) else out).view(q.shape)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, T, T): query x key
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask[:, None], enable_gqa=q.size(2) != k.size(2))
+        return y.transpose(1, 2)
     if backend == "flash3":
         from flash_attn_interface import flash_attn_func
 
@@ -1256,8 +1348,9 @@ class CausalSelfAttention(nn.Module):
         else:
             self.vr_lambda = None
 
-    def forward(self, x, cos, sin, v0=None, ve=None):
-        """x: normalised block input (B, T, d). Returns (output, v) so layer 0 can share its values."""
+    def forward(self, x, cos, sin, v0=None, ve=None, segments=None):
+        """x: normalised block input (B, T, d); segments: DOC_ISOLATION's (B, T) ids or None. Returns
+        (output, v) so layer 0 can share its values."""
         B, T, d = x.shape
         q = self.c_q(x)
         gate = None
@@ -1275,7 +1368,7 @@ class CausalSelfAttention(nn.Module):
             v = lam[0] * v0.to(v.dtype) + lam[1] * v
         q = apply_rotary(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(rms_norm(k), cos, sin)
-        y = causal_attention(q, k, v, self.attn_backend)  # (B, T, H, D)
+        y = causal_attention(q, k, v, self.attn_backend, segments)  # (B, T, H, D)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if gate is not None:  # one scalar per head and position, after XSA (the two commute)
@@ -1311,11 +1404,11 @@ class Block(nn.Module):
         self.parallel = 0 <= args.parallel_residual_start <= layer
         self.par_gate = nn.Parameter(torch.tensor(0.5)) if self.parallel and args.parallel_residual_gate else None
 
-    def forward(self, x, x0, cos, sin, v0=None, ve=None):
+    def forward(self, x, x0, cos, sin, v0=None, ve=None, segments=None):
         """Returns (x, v)."""
         s = self.ln_scale
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        a, v = self.attn(rms_norm(x) * s, cos, sin, v0, ve)
+        a, v = self.attn(rms_norm(x) * s, cos, sin, v0, ve, segments)
         if self.parallel:  # attention and MLP read the same input
             m = self.mlp(rms_norm(x) * s)
             if self.par_gate is not None:
@@ -1479,7 +1572,10 @@ class GPT(nn.Module):
         routed = (torch.softmax(scores.float(), dim=-1).to(bank.dtype)[..., None] * bank).sum(2)
         return (1 - self.args.attn_res_mix) * x + self.args.attn_res_mix * routed
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, segment_len: int = 0) -> torch.Tensor:
+        """The final normalised hidden states (B, T, d). With DOC_ISOLATION, attention stays inside
+        each document, cut every segment_len tokens when > 0 (a packed training row)."""
+        segments = document_segments(input_ids, segment_len) if self.args.doc_isolation else None
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
@@ -1503,7 +1599,7 @@ class GPT(nn.Module):
             for p, layer in enumerate(unit):
                 ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
                 # layer 0 makes v0 and never mixes it in, also when the recurrence runs it again
-                y, v = self.blocks[layer](x, x0, cos, sin, v0 if layer > 0 else None, ve_i)
+                y, v = self.blocks[layer](x, x0, cos, sin, v0 if layer > 0 else None, ve_i, segments)
                 # a layer's extra pass in place is blended in by its gate: x + g * (pass - x)
                 x = y if p == 0 else x + self.recur_gates[layer - self.args.loop_start] * (y - x)
                 v0 = v if v0 is None else v0
@@ -1523,25 +1619,26 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.skip_gates[j])
         return g * x + ((1 - g) * self.skip_weights[j]) * skip
 
-    def forward_logits(self, input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+    def forward_logits(self, input_ids: torch.Tensor, first: int = 0, segment_len: int = 0) -> torch.Tensor:
         """(B, T - first, V) logits of positions first..T-1: a sliding window scores only its tail,
         so the rest skips the output head and the softmax."""
-        h = self.head_input(self.hidden(input_ids)[:, first:])
+        h = self.head_input(self.hidden(input_ids, segment_len)[:, first:])
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, weight).float()
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
-    def token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+    def token_nll(self, input_ids: torch.Tensor, target_ids: torch.Tensor, first: int = 0,
+                  segment_len: int = 0) -> torch.Tensor:
         """Per-position negative log-likelihood in nats, float32, of positions first..T-1: (B, T - first)."""
-        logits = self.forward_logits(input_ids, first)
+        logits = self.forward_logits(input_ids, first, segment_len)
         targets = target_ids[:, first:]
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
         return nll.view_as(targets)
 
-    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_nll(input_ids, target_ids).mean()
+    def forward(self, input_ids: torch.Tensor, target_ids: torch.Tensor, segment_len: int = 0) -> torch.Tensor:
+        return self.token_nll(input_ids, target_ids, segment_len=segment_len).mean()
 
 
 @dataclass(frozen=True)
@@ -2049,18 +2146,20 @@ def rank_slice(items: list, rt: "Runtime") -> list:
 
 
 def window_batch(val_tokens: torch.Tensor, group: list, rows: int, length: int) -> tuple[torch.Tensor, ...]:
-    """Inputs, targets and the scored mask, each (rows, length), of windows (start, n, first): row i
-    holds tokens start..start+n and scores its positions first..n-1. The rest of a short row, and the
-    rows past len(group), are padding that is never scored (causal attention: it cannot reach a real
-    position). One shape for every batch keeps a compiled model from recompiling for the tails."""
+    """Inputs, targets, the scored mask and the targets' positions in val_tokens, each (rows, length),
+    of windows (start, n, first): row i holds tokens start..start+n and scores its positions
+    first..n-1. The rest of a short row, and the rows past len(group), are padding that is never
+    scored (causal attention: it cannot reach a real position). One shape for every batch keeps a
+    compiled model from recompiling for the tails."""
     device = val_tokens.device
     meta = torch.tensor([list(w) for w in group] + [[0, 0, 0]] * (rows - len(group)), dtype=torch.long)
     if device.type == "cuda":  # a pinned copy does not wait for the GPU
         meta = meta.pin_memory().to(device, non_blocking=True)
     pos = torch.arange(length + 1, device=device)
-    chunk = val_tokens[(meta[:, :1] + pos).clamp_max(len(val_tokens) - 1)]
+    index = (meta[:, :1] + pos).clamp_max(len(val_tokens) - 1)
+    chunk = val_tokens[index]
     scored = (pos[:-1] >= meta[:, 2:3]) & (pos[:-1] < meta[:, 1:2])
-    return chunk[:, :-1], chunk[:, 1:], scored
+    return chunk[:, :-1], chunk[:, 1:], scored, index[:, 1:]
 
 
 @torch.inference_mode()
@@ -2074,14 +2173,14 @@ def window_sums(model: GPT, val: ValidationSet, windows: list, ctx: Context,
     length = max((w[1] for w in windows), default=0)
     for i in range(0, len(windows), rows):
         group = windows[i:i + rows]
-        x, y, scored = window_batch(val.tokens, group, rows, length)
+        x, y, scored, targets = window_batch(val.tokens, group, rows, length)
         first = min(w[2] for w in group)
         with ctx.rt.autocast():
             nll = model.token_nll(x, y, first)
         scored = scored[:, first:]
         sums[0] += torch.where(scored, nll.double(), 0.0).sum()
         sums[1] += scored.sum()
-        sums[2] += (val.tables.count(x[:, first:], y[:, first:]) * scored).sum()
+        sums[2] += (val.target_bytes[targets[:, first:]] * scored).sum()
         if progress:
             progress.update(i + len(group))
     return sums
@@ -2150,7 +2249,7 @@ def ttt_train_chunk(model: GPT, optimizer, params: list, tokens: torch.Tensor, l
             n_targets = sum(w[1] for w in group)
             mine = rank_slice(group, rt)
             if mine:
-                x, y, scored = window_batch(tokens, mine, max(rows, len(mine)), args.eval_seq_len)
+                x, y, scored, _ = window_batch(tokens, mine, max(rows, len(mine)), args.eval_seq_len)
                 with rt.autocast():
                     loss = torch.where(scored, model.token_nll(x, y), 0.0).sum() / n_targets
                 loss.backward()
@@ -2686,6 +2785,24 @@ def batch_split(ctx: Context) -> tuple[int, int]:
     return accum, local
 
 
+def packed_rows(args: Hyperparameters) -> bool:
+    """DOC_ISOLATION with the stream loader trains on one packed row per micro-batch (PR #1855's
+    layout): the documents in it are cut every TRAIN_SEQ_LEN tokens from their start, not at row
+    boundaries."""
+    return args.doc_isolation and args.train_loader == "stream"
+
+
+def training_layout(args: Hyperparameters, rt: Runtime, local: int) -> tuple[int, int]:
+    """-> (row length of a micro-batch, segment_len for the model's forward)."""
+    if not packed_rows(args):
+        return args.train_seq_len, 0
+    if rt.device.type == "cuda" and rt.attn_backend not in ("flash3", "flash2"):
+        raise ConfigError("DOC_ISOLATION=1 with TRAIN_LOADER=stream packs each micro-batch into one row, which "
+                          "needs FlashAttention's varlen kernel on GPU (install flash-attn, see README), or use "
+                          "TRAIN_LOADER=shuffled")
+    return local, args.train_seq_len
+
+
 def average_gradients(params: list, rt: Runtime) -> list[torch.Tensor]:
     """Average the gradients of `params` over the ranks with one all-reduce; returns them (also set
     as .grad). A parameter the forward did not use keeps no gradient, so AdamW leaves it and its
@@ -2741,7 +2858,7 @@ def sync_banked_gradients(optimizers, banked: "ParallelMuon", ctx: Context) -> N
             opt.step()
 
 
-def training_step(model, optimizers, batches, ctx: Context, accum: int) -> torch.Tensor:
+def training_step(model, optimizers, batches, ctx: Context, accum: int, segment_len: int = 0) -> torch.Tensor:
     """One optimizer step over `accum` micro-batches; returns the mean loss (a device tensor). The
     gradient is clipped after averaging (clipping per-rank gradients, as several records did by
     accident, clips by a norm that depends on the number of GPUs), or per share (GRAD_CLIP_SCOPE)."""
@@ -2753,7 +2870,7 @@ def training_step(model, optimizers, batches, ctx: Context, accum: int) -> torch
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model.require_backward_grad_sync = micro == accum - 1
         with ctx.rt.autocast():
-            loss = model(x, y)
+            loss = model(x, y, segment_len)
         (loss / accum).backward()
         total += loss.detach()
         if per_share:
@@ -2776,7 +2893,8 @@ def training_step(model, optimizers, batches, ctx: Context, accum: int) -> torch
     return total / accum
 
 
-def compile_warmup(model, raw: GPT, optimizers, switches: list[Switch], ctx: Context, accum: int, local: int):
+def compile_warmup(model, raw: GPT, optimizers, switches: list[Switch], ctx: Context, accum: int, local: int,
+                   layout: tuple[int, int]):
     """Run COMPILE_WARMUP_STEPS steps on random tokens (never validation tokens: training on them
     before they are scored is illegal), spread over every combination of the switches' states, then
     restore weights and optimizer state, so that the run continues as if they never happened."""
@@ -2794,9 +2912,8 @@ def compile_warmup(model, raw: GPT, optimizers, switches: list[Switch], ctx: Con
         batches = []
         for _ in range(accum):  # laid out as the loader lays out its batches: the same shapes and strides,
             t = torch.randint(0, args.vocab_size, (local + 1,), generator=gen)  # or the graphs recompile
-            batches.append((t[:-1].view(-1, args.train_seq_len).to(ctx.rt.device),
-                            t[1:].view(-1, args.train_seq_len).to(ctx.rt.device)))
-        training_step(model, optimizers, batches, ctx, accum)
+            batches.append((t[:-1].view(-1, layout[0]).to(ctx.rt.device), t[1:].view(-1, layout[0]).to(ctx.rt.device)))
+        training_step(model, optimizers, batches, ctx, accum, layout[1])
     for switch in switches:
         switch.set(raw, False)
     raw.load_state_dict(weights)
@@ -2831,7 +2948,7 @@ def log_validation(model: GPT, val: ValidationSet, ctx: Context, step: int, elap
     result = evaluate(model, val, ctx, label=f"val step {step}")
     ctx.log(f"step:{step}/{ctx.args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
             f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / max(step, 1):.2f}ms "
-            f"val_tokens:{result.tokens} val_bytes:{result.bytes}")
+            f"val_tokens:{result.tokens} val_bytes:{result.bytes}{val.byte_note()}")
     return result
 
 
@@ -2846,9 +2963,11 @@ def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: Validation
         unused = args.num_loops > 0 and args.loop_mode == "layer"
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, find_unused_parameters=unused)
+    row_len, segment_len = layout = training_layout(args, rt, local)
     log(f"train: {len(files)} shards, world {rt.world_size} x accum {accum} x {local} tokens "
-        f"= {args.train_batch_tokens} tokens/step, params {sum(p.numel() for p in raw.parameters())}")
-    compile_warmup(model, raw, optimizers, switches, ctx, accum, local)
+        f"= {args.train_batch_tokens} tokens/step, params {sum(p.numel() for p in raw.parameters())}"
+        + (f"; documents isolated, each micro-batch one packed row cut every {segment_len}" if segment_len else ""))
+    compile_warmup(model, raw, optimizers, switches, ctx, accum, local, layout)
 
     cap_s = args.train_budget_seconds
     ema = EMA(raw, args.ema_decay) if args.ema_decay > 0 else None
@@ -2869,8 +2988,8 @@ def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: Validation
         for switch in switches:  # every rank decides from the same agreed clock
             if not switch.on and switch.due(step, elapsed_s, mult):
                 log(f"{switch.name}: on at step {step} (lr_mult {mult:.4f}): {switch.set(raw, True)}")
-        batches = [loader.next_batch(local, args.train_seq_len) for _ in range(accum)]
-        loss = training_step(model, optimizers, batches, ctx, accum)
+        batches = [loader.next_batch(local, row_len) for _ in range(accum)]
+        loss = training_step(model, optimizers, batches, ctx, accum, segment_len)
         step += 1
         if ema is not None:
             ema.update(raw)
@@ -2991,7 +3110,7 @@ def score_artifact(path, ctx: Context, val: ValidationSet) -> dict[str, EvalResu
     def report(name: str, tag: str, r: EvalResult, extra: str = "") -> None:
         stages[name] = r
         log(f"{tag} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{1000 * r.seconds:.0f}ms "
-            f"val_tokens:{r.tokens} val_bytes:{r.bytes}{extra}")
+            f"val_tokens:{r.tokens} val_bytes:{r.bytes}{val.byte_note()}{extra}")
         log(f"{tag}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
 
     report("roundtrip", f"final_{scheme}_roundtrip", evaluate(model, val, ctx, "roundtrip eval"))
@@ -3164,13 +3283,14 @@ def run(env: Mapping[str, str]) -> int:
         rt = init_runtime(args, env)
         ctx = Context(args, rt)
         if not args.eval_only:
-            batch_split(ctx)  # the checks that need the world size, before any work
+            training_layout(args, rt, batch_split(ctx)[1])  # the checks that need the runtime, before any work
         val = load_validation(args)
         train_files = [] if args.eval_only else check_train_shards(args.data_path)
         ctx.out_dir = prepare_out_dir(ctx)  # only after every input is known to be good
         ctx.log = log = RunLog(ctx.out_dir / ("eval.log" if args.eval_only else "train.log"), rt.master)
         log_header(ctx)
-        log(f"val: {len(val.tokens)} tokens in {len(shard_files(args.data_path, 'val'))} shard(s)")
+        log(f"val: {len(val.tokens)} tokens in {len(shard_files(args.data_path, 'val'))} shard(s); bytes per target "
+            f"{'from the byte sidecars (original text)' if val.byte_source == 'sidecar' else 'from the tokenizer'}")
         code = run_eval_only(ctx, val) if args.eval_only else run_training(ctx, train_files, val)
         rt.barrier()  # leave together: a rank tearing gloo down while another still talks aborts it
         return code

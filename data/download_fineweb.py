@@ -2,6 +2,7 @@
 
     python data/download_fineweb.py --variant sp1024 --train-shards 80
     python data/download_fineweb.py --variant sp8192 --train-shards 128
+    python data/download_fineweb.py --variant caseops
 
 The hub repository (a dataset repo) holds `<prefix>/manifest.json`, which lists each dataset
 (`fineweb10B_<variant>`: its shard counts and tokenizer name) and each tokenizer (its files). This
@@ -18,6 +19,13 @@ appears under data/ only once it is complete (copied to a temporary name, then r
 Repositories: sp1024 from willdepueoai/parameter-golf, sp8192 from
 kevclark/parameter-golf; `--repo-id` (or MATCHED_FINEWEB_REPO_ID, the community's variable)
 overrides. `--endpoint` (or HF_ENDPOINT) points at another hub, e.g. a mirror or a test stand-in.
+
+`--variant caseops` is the CaseOps export the final leaderboard trained on (romeerp/parameter-golf-
+caseops-v1: sp8192 tokens of the case-transformed text, data/caseops.py), with a byte sidecar
+fineweb_val_bytes_NNNNNN.bin beside each validation shard. Only the canonical build is accepted: 80
+training shards, and 47,851,520 validation tokens (the first 50,000 documents) with a sidecar of the
+same length. A build with 1,499 training shards put most validation documents into training
+(challenge issue #2127) and is refused before anything large is downloaded.
 """
 
 import argparse
@@ -31,8 +39,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_gpt import DataError, read_shard_header  # noqa: E402  (one definition of the format)
 
-DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf",
+                 "caseops": "romeerp/parameter-golf-caseops-v1"}
 FALLBACK_REPO = "willdepueoai/parameter-golf"
+CASEOPS_DATASET = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_TRAIN_SHARDS = 80
+CASEOPS_VAL_TOKENS = 47_851_520
+LEAKY_TRAIN_SHARDS = 1499
 
 
 class DownloadError(Exception):
@@ -40,9 +53,42 @@ class DownloadError(Exception):
 
 
 def dataset_name(variant: str) -> str:
+    if variant == "caseops":
+        return CASEOPS_DATASET
     if not (variant.startswith("sp") and variant[2:].isdigit()):
-        raise DownloadError(f"--variant {variant!r} is not of the form sp<VOCAB_SIZE> (e.g. sp1024, sp8192)")
+        raise DownloadError(f"--variant {variant!r} is neither caseops nor of the form sp<VOCAB_SIZE> "
+                            "(e.g. sp1024, sp8192)")
     return f"fineweb10B_{variant}"
+
+
+def sidecar_name(val_shard: str) -> str:
+    return val_shard.replace("fineweb_val_", "fineweb_val_bytes_", 1)
+
+
+def check_caseops_manifest(n_train: int) -> None:
+    if n_train == LEAKY_TRAIN_SHARDS:
+        raise DownloadError(f"{CASEOPS_DATASET} lists {n_train} training shards: that is the build whose training "
+                            "documents include most of the validation documents (challenge issue #2127); use the "
+                            f"canonical export with {CASEOPS_TRAIN_SHARDS}")
+    if n_train != CASEOPS_TRAIN_SHARDS:
+        raise DownloadError(f"{CASEOPS_DATASET} lists {n_train} training shards, the canonical export has "
+                            f"{CASEOPS_TRAIN_SHARDS}: this is not the build the leaderboard used")
+
+
+def check_caseops_validation(val_shards: list[Path]) -> None:
+    """47,851,520 validation tokens in all, each shard with a sidecar of its own length."""
+    total = 0
+    for shard in val_shards:
+        n = read_shard_header(shard)
+        side = shard.with_name(sidecar_name(shard.name))
+        if read_shard_header(side) != n:
+            raise DownloadError(f"{side} holds {read_shard_header(side)} byte counts for the {n} tokens of "
+                                f"{shard.name}: they must align 1:1")
+        total += n
+    if total != CASEOPS_VAL_TOKENS:
+        raise DownloadError(f"{CASEOPS_DATASET} has {total:,} validation tokens, the canonical export "
+                            f"{CASEOPS_VAL_TOKENS:,} (50,000 documents): a truncated or re-split validation set "
+                            "scores a different text")
 
 
 class Hub:
@@ -89,19 +135,23 @@ def plan(manifest: dict, variant: str, train_shards: int, prefix: str, out: Path
         raise DownloadError(f"dataset {name} is not in the manifest (it lists: {known or 'nothing'})")
     stats = entry.get("stats") or {}
     n_train, n_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
+    if variant == "caseops":
+        check_caseops_manifest(n_train)
     if train_shards > n_train:
         raise DownloadError(f"--train-shards {train_shards}: {name} has only {n_train} training shards")
     tok = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
     if tok is None:
         raise DownloadError(f"tokenizer {entry.get('tokenizer_name')!r} of {name} is not in the manifest")
     pre = f"{prefix}/" if prefix else ""
-    items = [(f"{pre}datasets/{name}/fineweb_val_{i:06d}.bin", out / "datasets" / name / f"fineweb_val_{i:06d}.bin",
-              "shard") for i in range(n_val)]
-    items += [(f"{pre}datasets/{name}/fineweb_train_{i:06d}.bin", out / "datasets" / name / f"fineweb_train_{i:06d}.bin",
-               "shard") for i in range(train_shards)]
+    val = [f"fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    if variant == "caseops":
+        val = [f for shard in val for f in (shard, sidecar_name(shard))]
+    items = [(f"{pre}datasets/{name}/{f}", out / "datasets" / name / f, "val") for f in val]
     for key in ("model_path", "vocab_path"):
         if tok.get(key):
             items.append((f"{pre}{tok[key]}", out / tok[key], "tokenizer"))
+    items += [(f"{pre}datasets/{name}/fineweb_train_{i:06d}.bin", out / "datasets" / name / f"fineweb_train_{i:06d}.bin",
+               "train") for i in range(train_shards)]
     return items
 
 
@@ -118,22 +168,27 @@ def download(variant: str, train_shards: int, out: Path, repo_id: str, prefix: s
     print(f"download: {len(items)} files of {dataset_name(variant)} from {repo_id} into {out}", flush=True)
     t0, fetched_bytes = time.time(), 0
     for i, (remote, dest, kind) in enumerate(items, 1):
-        ready = dest.is_file() and (kind != "shard" or shard_is_valid(dest))
+        shard = kind in ("val", "train")
+        ready = dest.is_file() and (not shard or shard_is_valid(dest))
         if not ready:
             hub.fetch(remote, dest)
-            if kind == "shard" and not shard_is_valid(dest):
+            if shard and not shard_is_valid(dest):
                 dest.unlink()
                 raise DownloadError(f"{remote} from {repo_id} has a bad header or size; removed, run again")
             fetched_bytes += dest.stat().st_size
         rate = fetched_bytes / 1e6 / max(time.time() - t0, 1e-9)
         print(f"[{i}/{len(items)}] {'ready' if ready else 'downloaded'} {dest} ({rate:.0f} MB/s so far)", flush=True)
+        if variant == "caseops" and kind == "val" and (i == len(items) or items[i][2] != "val"):
+            # the validation set is checked before the 16 GB of training shards
+            check_caseops_validation([d for _, d, k in items if k == "val" and "_bytes_" not in d.name])
     print(f"done: {len(items)} files verified in {time.time() - t0:.0f}s", flush=True)
     return [dest for _, dest, _ in items]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", default="sp1024", help="sp1024 or sp8192 (any sp<V> the manifest lists)")
+    ap.add_argument("--variant", default="sp1024",
+                    help="sp1024, sp8192 (any sp<V> the manifest lists) or caseops (the sp8192 CaseOps export)")
     ap.add_argument("--train-shards", type=int, default=80, help="how many training shards (100M tokens each)")
     ap.add_argument("--repo-id", default=None, help="dataset repository on the hub (default: by variant)")
     ap.add_argument("--prefix", default="datasets", help="folder of the repository that holds manifest.json")

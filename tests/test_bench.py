@@ -27,10 +27,11 @@ def test_train_bench_quick(tmp_path):
     out = tmp_path / "train.json"
     proc = run_bench("train_bench.py", "--quick", "--no-compile", "--out", str(out))
     doc = json.loads(out.read_text())
-    assert set(doc["results"]) == {"baseline", "default plain", "default looped", "default run-average"}
+    assert set(doc["results"]) == {"baseline", "default plain", "default plain isolated", "default looped",
+                                   "default run-average"}
     for r in doc["results"].values():
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0
-    assert doc["ratio_run_average_vs_baseline"] > 0
+    assert doc["ratio_run_average_vs_baseline"] > 0 and doc["ratio_isolated_vs_plain_ms_per_step"] > 0
     assert "x baseline" in proc.stdout
 
 

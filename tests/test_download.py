@@ -78,36 +78,48 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data[start:])
 
 
-@pytest.fixture()
-def hub(tmp_path):
-    root = tmp_path / "remote"
-    name = "fineweb10B_sp1024"
+def serve(root: Path, name: str, files_train: int, sidecar_len: int | None = None):
+    """A stand-in repository with 3 training shards and one validation shard of 777 tokens of dataset
+    `name`, a manifest that claims `files_train`, and (sidecar_len) a byte sidecar."""
     shards = root / "datasets" / "datasets" / name
     shards.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(3):
         write_shard(shards / f"fineweb_train_{i:06d}.bin", rng.integers(0, 1024, 5000 + i))
     write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, 1024, 777))
+    if sidecar_len is not None:
+        write_shard(shards / "fineweb_val_bytes_000000.bin", rng.integers(0, 12, sidecar_len))
     (root / "datasets" / "tokenizers").mkdir(parents=True)
     (root / "datasets" / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"tokenizer bytes")
     (root / "datasets" / "tokenizers" / "fineweb_1024_bpe.vocab").write_bytes(b"vocab")
     manifest = {
-        "datasets": [{"name": name, "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 3, "files_val": 1}}],
+        "datasets": [{"name": name, "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": files_train, "files_val": 1}}],
         "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
                         "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
     }
     (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
     server = HubStandIn(root)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture()
+def hub(tmp_path):
+    root = tmp_path / "remote"
+    server = serve(root, "fineweb10B_sp1024", 3)
     yield server, root
     server.shutdown()
 
 
-def download(server, out, *args):
+def download(server, out, *args, patch: dict | None = None):
+    """Run data/download_fineweb.py against the stand-in; `patch` sets module constants first (the
+    canonical CaseOps counts, which a stand-in of a few KB cannot have)."""
     env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(out.parent / "hf_home"),
            "HF_HUB_DISABLE_TELEMETRY": "1", "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, str(ROOT / "data/download_fineweb.py"), "--repo-id", REPO, "--out", str(out), "--retries", "1", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    script = ["import sys; sys.path.insert(0, 'data'); import download_fineweb as d"]
+    script += [f"d.{k} = {v!r}" for k, v in (patch or {}).items()] + ["sys.exit(d.main(sys.argv[1:]))"]
+    cmd = [sys.executable, "-c", "; ".join(script), "--repo-id", REPO, "--out", str(out), "--retries", "1", *args]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def gets(server):
@@ -158,3 +170,35 @@ def test_bad_requests_are_one_line(hub, tmp_path):
     proc = download(server, out, "--variant", "sp1024", "--train-shards", "0")
     assert proc.returncode == 2 and "bad header or size" in proc.stderr, proc.stderr
     assert not (out / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin").exists()
+
+
+CASEOPS = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+STAND_IN_COUNTS = {"CASEOPS_TRAIN_SHARDS": 3, "CASEOPS_VAL_TOKENS": 777}  # the stand-in's canonical counts
+
+
+@pytest.mark.parametrize("files_train, sidecar_len, patch, words", [
+    (1499, 777, None, "challenge issue #2127"),  # the leaky build, refused from its manifest alone
+    (79, 777, None, "the canonical export has 80"),
+    (80, 777, None, "777 validation tokens, the canonical export 47,851,520"),
+    (3, 776, STAND_IN_COUNTS, "776 byte counts for the 777 tokens"),
+])
+def test_caseops_refuses_anything_but_the_canonical_build(tmp_path, files_train, sidecar_len, patch, words):
+    server = serve(tmp_path / "remote", CASEOPS, files_train, sidecar_len)
+    try:
+        proc = download(server, tmp_path / "data", "--variant", "caseops", "--train-shards", "3", patch=patch)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and words in proc.stderr, proc.stderr
+    assert not [g for g in gets(server) if g.startswith("fineweb_train")]  # refused before the training data
+
+
+def test_caseops_downloads_the_sidecar_beside_the_validation_shard(tmp_path):
+    server = serve(tmp_path / "remote", CASEOPS, 3, 777)
+    try:
+        proc = download(server, tmp_path / "data", "--variant", "caseops", "--train-shards", "2", patch=STAND_IN_COUNTS)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    local = tmp_path / "data" / "datasets" / CASEOPS
+    assert sorted(p.name for p in local.iterdir()) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                                       "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]

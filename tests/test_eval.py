@@ -57,7 +57,7 @@ def test_sliding_window_equals_brute_force(model_and_val):
     model, val = model_and_val
     args = tiny_args(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="5")
     tables = tiny_tables()
-    result = evaluate(model, ValidationSet(val, tables), on_cpu(args), stride=8)
+    result = evaluate(model, ValidationSet.from_tables(val, tables), on_cpu(args), stride=8)
     n = len(val) - 1
     assert result.tokens == n
     assert result.bytes == int(tables.count(val[:-1], val[1:]).sum())
@@ -67,7 +67,7 @@ def test_sliding_window_equals_brute_force(model_and_val):
             for j in range(start + first, start + length):  # target j with context start..j, alone
                 brute += model.token_nll(val[None, start:j + 1], val[None, start + 1:j + 2])[0, -1].double().item()
     assert result.nll == pytest.approx(brute, rel=1e-6)
-    plain = evaluate(model, ValidationSet(val, tables), on_cpu(args), stride=0)
+    plain = evaluate(model, ValidationSet.from_tables(val, tables), on_cpu(args), stride=0)
     assert plain.tokens == n and plain.nll != pytest.approx(result.nll, rel=1e-4)  # the stride matters
 
 
@@ -78,11 +78,11 @@ TTT_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_ENAB
 def test_ttt_earlier_chunks_do_not_see_later_tokens(model_and_val):
     model, val = model_and_val
     args, tables = tiny_args(**TTT_ENV), tiny_tables()
-    _, base = evaluate_ttt(copy.deepcopy(model), ValidationSet(val, tables), on_cpu(args))
+    _, base = evaluate_ttt(copy.deepcopy(model), ValidationSet.from_tables(val, tables), on_cpu(args))
     k = 2
     changed = val.clone()
     changed[k * 128 + 1:(k + 1) * 128 + 1] = torch.randint(2, 64, (128,))  # the tokens of chunk k's targets
-    _, after = evaluate_ttt(copy.deepcopy(model), ValidationSet(changed, tables), on_cpu(args))
+    _, after = evaluate_ttt(copy.deepcopy(model), ValidationSet.from_tables(changed, tables), on_cpu(args))
     assert [r["nll"] for r in after[:k]] == [r["nll"] for r in base[:k]]  # bit-identical
     assert after[k]["nll"] != base[k]["nll"] and after[k + 1]["nll"] != base[k + 1]["nll"]
 
@@ -90,7 +90,7 @@ def test_ttt_earlier_chunks_do_not_see_later_tokens(model_and_val):
 def test_ttt_scores_a_chunk_before_training_on_it(model_and_val):
     model, val = model_and_val
     args, tables = tiny_args(**TTT_ENV), tiny_tables()
-    result, records = evaluate_ttt(copy.deepcopy(model), ValidationSet(val, tables), on_cpu(args))
+    result, records = evaluate_ttt(copy.deepcopy(model), ValidationSet.from_tables(val, tables), on_cpu(args))
     n = len(val) - 1
     assert len(records) == math.ceil(n / 128) and sum(r["tokens"] for r in records) == result.tokens == n
     # Replay with the public pieces: chunk k must be scored with the weights trained on chunks < k only.
@@ -104,7 +104,7 @@ def test_ttt_scores_a_chunk_before_training_on_it(model_and_val):
         for g in opt.param_groups:
             g["lr"] = ttt_lr_at(c, n_train, args)
         ttt_train_chunk(m, opt, params, val, c * 128, (c + 1) * 128, on_cpu(args))
-    vset = ValidationSet(val, tables)
+    vset = ValidationSet.from_tables(val, tables)
     assert window_sums(m, vset, chunk_windows(k), on_cpu(args))[0].item() == records[k]["nll"]
     ttt_train_chunk(m, opt, params, val, k * 128, (k + 1) * 128, on_cpu(args))  # the illegal order differs
     assert window_sums(m, vset, chunk_windows(k), on_cpu(args))[0].item() < records[k]["nll"]
@@ -120,12 +120,12 @@ def test_evaluation_batches_have_one_shape(model_and_val):
     m = copy.deepcopy(model)
     shapes, hidden = {"score": set(), "train": set()}, m.hidden
 
-    def spy(x):
+    def spy(x, segment_len=0):
         shapes["train" if torch.is_grad_enabled() else "score"].add(tuple(x.shape))
-        return hidden(x)
+        return hidden(x, segment_len)
 
     m.hidden = spy
-    vset, ctx = ValidationSet(val, tables), on_cpu(args)
+    vset, ctx = ValidationSet.from_tables(val, tables), on_cpu(args)
     evaluate(m, vset, ctx)  # 600 targets: 18 windows of 32 and one of 24
     evaluate(m, vset, ctx, stride=8)
     evaluate_ttt(m, vset, ctx)  # chunks of 4 sequences, TTT batches of 3 and 1

@@ -317,7 +317,7 @@ def test_compile_warmup_compiles_every_graph_the_run_uses(tiny_data):
     accum, local = batch_split(ctx)
     switches = run_switches(args)
     assert [s.name for s in switches] == ["looping", "late_qat"]
-    compile_warmup(model, raw, optimizers, switches, ctx, accum, local)
+    compile_warmup(model, raw, optimizers, switches, ctx, accum, local, (args.train_seq_len, 0))
     warmed = len(compiles)
     assert warmed == 4  # plain, looped, plain with QAT, looped with QAT
     loader = DistributedTokenLoader(check_train_shards(str(tiny_data)), TINY_VOCAB, 0, 1, ctx.rt.device)

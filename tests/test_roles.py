@@ -80,7 +80,7 @@ COMMON = dict(PRESET="baseline", VOCAB_SIZE="64", NUM_LAYERS="5", MODEL_DIM="32"
               LEAKY_SLOPE="0.3", SKIP_GATES="1", PARALLEL_RESIDUAL_START="3", PARALLEL_RESIDUAL_GATE="1",
               ARTIFACT="unused.ptz")  # so that EVAL_ONLY=1 is a valid change too
 LOOPED = dict(COMMON, NUM_LOOPS="1", LOOP_START="1", LOOP_END="2", LOOP_MODE="layer")
-ROUTED = dict(COMMON, ATTN_RES="1", ATTN_RES_BLOCKS="2", ATTN_RES_MIX="0.4", ATTN_RES_TEMP="0.9")
+ROUTED = dict(COMMON, ATTN_RES="1", ATTN_RES_BLOCKS="2", ATTN_RES_MIX="0.4", ATTN_RES_TEMP="0.9", DOC_ISOLATION="1")
 CONFIGURED = dict(PRESET="baseline", UNET_SKIPS="0", ATTN_RES_BLOCKS="4")
 ALTERNATIVES = {"ve_layers": ["2", "4"], "gated_attn": ["0", "headwise"]}
 

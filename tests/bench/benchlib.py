@@ -41,6 +41,7 @@ class Trainer:
         self.model = torch.compile(self.raw, dynamic=False) if compile_model else self.raw
         self.ema = tg.EMA(self.raw, args.ema_decay) if args.ema_decay > 0 else None
         self.accum, self.local = tg.batch_split(self.ctx)
+        self.row_len, self.segment_len = tg.training_layout(args, rt, self.local)
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens_per_step = args.train_batch_tokens
 
@@ -48,8 +49,7 @@ class Trainer:
         out = []
         for _ in range(self.accum):
             t = torch.randint(0, self.args.vocab_size, (self.local + 1,), generator=self.gen)
-            out.append((t[:-1].view(-1, self.args.train_seq_len).to(self.rt.device),
-                        t[1:].view(-1, self.args.train_seq_len).to(self.rt.device)))
+            out.append((t[:-1].view(-1, self.row_len).to(self.rt.device), t[1:].view(-1, self.row_len).to(self.rt.device)))
         return out
 
     def steps(self, n: int, looping: bool = False) -> float:
@@ -59,7 +59,7 @@ class Trainer:
         self.rt.sync()
         t0 = time.perf_counter()
         for b in batches:
-            tg.training_step(self.model, self.optimizers, b, self.ctx, self.accum)
+            tg.training_step(self.model, self.optimizers, b, self.ctx, self.accum, self.segment_len)
             if self.ema is not None:
                 self.ema.update(self.raw)
         self.rt.sync()
@@ -73,7 +73,7 @@ def synthetic_tables(vocab_size: int, device) -> tg.ByteTables:
 
 
 def first_tokens(val: tg.ValidationSet, n: int) -> tg.ValidationSet:
-    return tg.ValidationSet(val.tokens[:n], val.tables)
+    return tg.ValidationSet(val.tokens[:n], val.target_bytes[:n], val.byte_source)
 
 
 def eval_throughput(raw: tg.GPT, args: tg.Hyperparameters, rt: tg.Runtime, n_tokens: int,
@@ -83,7 +83,7 @@ def eval_throughput(raw: tg.GPT, args: tg.Hyperparameters, rt: tg.Runtime, n_tok
     gen = torch.Generator().manual_seed(1)
     val = torch.randint(0, args.vocab_size, (n_tokens + 1,), generator=gen)
     val[0] = tg.BOS_ID
-    val = tg.ValidationSet(val, synthetic_tables(args.vocab_size, rt.device))
+    val = tg.ValidationSet.from_tables(val, synthetic_tables(args.vocab_size, rt.device))
     ctx = tg.Context(args, rt)
     model = tg.compile_for_scoring(copy.deepcopy(raw), rt)  # as score_artifact scores the artifact's model
     model.looping = args.num_loops > 0
