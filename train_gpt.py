@@ -173,13 +173,19 @@ class Hyperparameters:
     xsa_last_n: int = arch(0, "exclusive self-attention in the last N physical layers; 0 = off, "
                            ">= NUM_LAYERS = all", lo=0)
     gated_attn: str = arch("0", "sigmoid gate per head from the block's normalised input: 1 = its own "
-                           "linear map with a bias; headwise = one extra output row of c_q per head",
-                           choices=("0", "1", "headwise"))
+                           "linear map with a bias; headwise = one extra output row of c_q per head; sparse = "
+                           "SPARSE_GATE_SCALE * (its own map of the first GATE_WINDOW dims), zero init",
+                           choices=("0", "1", "headwise", "sparse"))
+    gate_window: int = arch(12, "input dims read by the sparse attention gate and the window SmearGate", lo=1)
+    sparse_gate_scale: float = arch(0.5, "logit scale of the sparse attention gate", lo=0.0)
     value_residual: bool = arch(False, "layers after the first mix in layer 0's values: v = l0*v0 + l1*v")
     ve_enabled: bool = arch(False, "value embeddings: a shared table added to v in VE_LAYERS")
     ve_dim: int = arch(128, "width of the value-embedding table", lo=1)
     ve_layers: str = arch("9,10", "physical layers that receive value embeddings (comma-separated)")
     smear_gate: bool = arch(False, "mix each position's embedding with the previous one (never across BOS)")
+    smear_mode: str = arch("channel", "channel = x + sigmoid(g) * (x_prev - x), g per dimension, after the first "
+                           "RMSNorm; window = x + lam * sigmoid(w . x[:GATE_WINDOW]) * x_prev on the raw "
+                           "embedding (PR #1855's), lam and w from 0", choices=("channel", "window"))
     bigram_vocab_size: int = arch(0, "BigramHash buckets (the last one reserved); 0 = off", lo=0)
     bigram_dim: int = arch(128, "BigramHash embedding width", lo=1)
     mlp_act: str = arch("relu2", "MLP activation: relu(z)^2 or leaky_relu(z, LEAKY_SLOPE)^2", choices=("relu2", "leaky2"))
@@ -230,10 +236,12 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = knob(0.85, "Muon momentum at step 0", lo=0.0, hi=1.0)
     muon_momentum_warmup_steps: int = knob(500, "steps of linear momentum warm-up; 0 = none", lo=0)
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations", lo=1, hi=20)
+    muon_polar: bool = knob(False, "Polar Express's coefficients, one triple per Newton-Schulz step (at most 5), "
+                            "instead of the same quintic at every step")
     warmup_steps: int = knob(0, "linear learning-rate warm-up steps", lo=0)
     warmdown_iters: int = knob(1200, "linear warm-down over the last N steps (wall-clock aware)", lo=0)
     warmdown_frac: float = knob(0.0, "if > 0: warm down over this fraction of the budget instead", lo=0.0, hi=1.0)
-    min_lr: float = knob(0.0, "learning-rate multiplier reached at the end of the warm-down", lo=0.0, hi=1.0)
+    min_lr: float = knob(0.0, "floor of the warm-down: lr_mult = max(MIN_LR, linear)", lo=0.0, hi=1.0)
     grad_clip_norm: float = knob(0.0, "clip the gradient's global norm; 0 = off", lo=0.0)
     grad_clip_scope: str = knob("batch", "batch = clip the averaged gradient; share = clip each micro-batch's "
                                 "gradient (one GPU's share on 8 GPUs) before averaging", choices=("batch", "share"))
@@ -277,6 +285,8 @@ class Hyperparameters:
                                "as embeddings", choices=("matrix", "embed"))
     control_fp32: bool = knob(True, "store the per-channel scales, mixes, gains and gates fp32 (0 = fp16)")
     matrix_clip_sigmas: float = knob(12.85, "SDClip k for matrices: scale = k * std(row) / qmax", lo=0.0)
+    mlp_clip_sigmas: float = knob(0.0, "SDClip k for the MLP matrices; 0 = MATRIX_CLIP_SIGMAS", lo=0.0)
+    attn_clip_sigmas: float = knob(0.0, "SDClip k for the attention matrices; 0 = MATRIX_CLIP_SIGMAS", lo=0.0)
     embed_clip_sigmas: float = knob(20.0, "SDClip k for the embedding", lo=0.0)
     gptq: bool = knob(False, "full-Hessian GPTQ rounding of every quantised matrix")
     gptq_embed: bool = knob(True, "with GPTQ=1, the embedding too (tied: with the output head's input Hessian); "
@@ -391,6 +401,9 @@ class Hyperparameters:
         if self.attn_res and self.num_loops:
             raise ConfigError("ATTN_RES=1 and NUM_LOOPS>0 cannot be combined (the routing sources are defined "
                               "over physical layers); turn one off")
+        if self.muon_polar and self.muon_backend_steps > len(POLAR_EXPRESS):
+            raise ConfigError(f"MUON_POLAR=1 has coefficients for {len(POLAR_EXPRESS)} Newton-Schulz steps; "
+                              f"MUON_BACKEND_STEPS={self.muon_backend_steps} asks for more")
         if self.parallel_residual_gate and self.parallel_residual_start < 0:
             raise ConfigError("PARALLEL_RESIDUAL_GATE=1 gates parallel blocks, and PARALLEL_RESIDUAL_START=-1 makes "
                               "none: set PARALLEL_RESIDUAL_START to a layer, or PARALLEL_RESIDUAL_GATE=0")
@@ -504,9 +517,9 @@ SP8192 = dict(data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./d
               vocab_size=8192)
 # What the five records share: the reference shape, 2048-token sequences, batch 786,432, a 600 s cap,
 # partial RoPE 16, LN scale, orthogonal init, gradient clip 0.3, Muon momentum 0.92 -> 0.99 over
-# 1500 steps, sliding stride 64, TTT SGD momentum 0.9 with clip 1.0 (pr1658 scores without TTT). Choice: every seed preset ships
-# the self-extracting copy of this script (about a third of its size counted); the records counted
-# their own plain source (50-115 KB).
+# 1500 steps, sliding stride 64, TTT SGD momentum 0.9 with clip 1.0 (pr1658 scores without TTT).
+# Choice: every seed preset ships the self-extracting copy of this script (about a third of its size
+# counted); the records counted their own plain source (50-115 KB).
 SEED_COMMON = dict(
     num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, train_seq_len=2048, eval_seq_len=2048,
     train_batch_tokens=786432, max_wallclock_seconds=600.0, rope_dims=16, ln_scale=True, ortho_init=True,
@@ -940,7 +953,8 @@ class ShuffledShare:
                 raise DataError(f"TRAIN_LOADER=shuffled: no shard of {', '.join(self.files)} holds a sequence of "
                                 f"{seq_len + 1} tokens: use longer shards or TRAIN_LOADER=stream")
         if seq_len != self.seq_len:
-            raise RuntimeError(f"internal error: the shuffled loader's windows are {self.seq_len} tokens, asked for {seq_len}")
+            raise RuntimeError(f"internal error: the shuffled loader's windows are {self.seq_len} tokens, "
+                               f"asked for {seq_len}")
         out = np.empty((n_rows, seq_len + 1), dtype=np.int64)
         left = np.array([len(s) for s in self.starts], dtype=np.float64)
         for r in range(n_rows):
@@ -1340,6 +1354,9 @@ class CausalSelfAttention(nn.Module):
         if self.gate_mode == "1":  # its own map with a bias: weights 0, bias 4 (sigmoid 0.98), so it starts open
             self.gate_w = nn.Parameter(torch.zeros(H, d))
             self.gate_b = nn.Parameter(torch.full((H,), 4.0))
+        elif self.gate_mode == "sparse":  # PR #1787's: zero weights, the gate starts at 0.5
+            self.gate_w = nn.Parameter(torch.zeros(H, args.gate_window))
+            self.gate_scale = args.sparse_gate_scale
         # Value residual: later layers mix in layer 0's values. Every block holds the pair, as in the
         # records' code, so parameter counts and artifacts match theirs; layer 0's is never used
         # (GPT.hidden gives layer 0 no v0) and never trained.
@@ -1358,6 +1375,8 @@ class CausalSelfAttention(nn.Module):
             q, gate = q[..., :d], q[..., d:]  # (B, T, d), (B, T, H)
         elif self.gate_mode == "1":
             gate = F.linear(x, self.gate_w.to(x.dtype)) + self.gate_b.to(x.dtype)
+        elif self.gate_mode == "sparse":
+            gate = self.gate_scale * F.linear(x[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype))
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1439,19 +1458,44 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.table(bigram_buckets(input_ids, self.buckets)))
 
 
+def smear_inputs(x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_{t-1}, whether position t may take it): not at position 0, not at a BOS."""
+    prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+    allowed = (input_ids != BOS_ID)[..., None]
+    allowed[:, :1] = False
+    return prev, allowed
+
+
 class SmearGate(nn.Module):
-    """x_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gate) per dim, and g = 0 at position 0 and at every BOS."""
+    """SMEAR_MODE=channel: x_t = (1-g) x_t + g x_{t-1}, g = sigmoid(gate) per dim, after the first
+    RMSNorm; g = 0 at position 0 and at every BOS."""
+    before_norm = False
 
     def __init__(self, dim: int):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        allowed = (input_ids != BOS_ID)[..., None]
-        allowed[:, :1] = False
+        prev, allowed = smear_inputs(x, input_ids)
         g = torch.sigmoid(self.gate).to(x.dtype) * allowed
         return x + g * (prev - x)
+
+
+class WindowSmearGate(nn.Module):
+    """SMEAR_MODE=window (PR #1855's): x_t += lam * sigmoid(w . x_t[:GATE_WINDOW]) * x_{t-1} on the raw
+    embedding, before the first RMSNorm; nothing at position 0 and at every BOS. lam and w start at
+    0, so the gate starts as the identity."""
+    before_norm = True
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(window))
+        self.lam = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        prev, allowed = smear_inputs(x, input_ids)
+        g = self.lam.to(x.dtype) * torch.sigmoid(x[..., :self.gate.numel()] @ self.gate.to(x.dtype))[..., None]
+        return x + g * allowed * prev
 
 
 class GPT(nn.Module):
@@ -1464,7 +1508,9 @@ class GPT(nn.Module):
         d, L = args.model_dim, args.num_layers
         self.tok_emb = nn.Embedding(args.vocab_size, d)
         self.bigram = BigramHash(args) if args.bigram_vocab_size else None
-        self.smear = SmearGate(d) if args.smear_gate else None
+        self.smear = None
+        if args.smear_gate:
+            self.smear = SmearGate(d) if args.smear_mode == "channel" else WindowSmearGate(args.gate_window)
         self.blocks = nn.ModuleList(Block(args, i, attn_backend) for i in range(L))
         self.ve_layers = args.ve_layer_list if args.ve_enabled else []
         if self.ve_layers:
@@ -1532,12 +1578,13 @@ class GPT(nn.Module):
         | attn_scale, mlp_scale, skip_weights    | ones                                            |
         | resid_mix                              | [ones, zeros]                                   |
         | q_gain                                 | QK_GAIN_INIT                                    |
-        | gate_w, gate_b (gated attention)       | zeros, 4 (gate ~0.98)                           |
+        | gate_w, gate_b (gated attention)       | zeros, 4 (gate ~0.98); sparse: zeros (gate 0.5) |
         | vr_lambda (value residual)             | [0.5, 0.5]                                      |
         | recur_gates (layer recurrence)         | zeros (extra passes start switched off)         |
         | par_gate (gated parallel residuals)    | 0.5                                             |
         | ve_table, ve_proj, ve_scale, per layer | normal std 0.01, default, 0.1, ones             |
         | smear gate, skip_gates, attn_res_q     | zeros (sigmoid 0.5, 0.5, uniform routing)       |
+        | smear lam (window SmearGate)           | zero (the gate starts as the identity)          |
         | bigram table, proj, scale              | zeros, orthogonal, 0.05 (both zero never learn) |
         |                                        | BIGRAM_PROJ_MUON: proj orthogonal / sqrt(2L)    |
         """
@@ -1579,8 +1626,10 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
+        if self.smear is not None and self.smear.before_norm:
+            x = self.smear(x, input_ids)
         x = rms_norm(x)
-        if self.smear is not None:
+        if self.smear is not None and not self.smear.before_norm:
             x = self.smear(x, input_ids)
         x0 = x
         ve = self.ve_scale * self.ve_proj(self.ve_table(input_ids)) if self.ve_layers else None
@@ -1673,7 +1722,7 @@ PARAMETER_ROLES: tuple[tuple[str, ParamRole], ...] = (
     # the balance of the residual stream.
     (_BLOCK + r"(attn_scale|mlp_scale|resid_mix|par_gate|attn\.(q_gain|gate_w|gate_b|vr_lambda))",
      ParamRole("scalar", "control")),
-    (r"skip_weights|skip_gates|recur_gates|attn_res_q|smear\.gate|bigram\.scale|ve_scale|ve_layer_scales",
+    (r"skip_weights|skip_gates|recur_gates|attn_res_q|smear\.(gate|lam)|bigram\.scale|ve_scale|ve_layer_scales",
      ParamRole("scalar", "control")),
     # BigramHash and value embeddings: lookup tables at the embedding's learning rate; projections.
     (r"bigram\.table\.weight|ve_table\.weight", ParamRole("embed", "table")),
@@ -1703,7 +1752,10 @@ def quant_spec_for(name: str, t: torch.Tensor, args: Hyperparameters) -> QuantSp
         if args.embed_bits == 16:
             return None
         return QuantSpec(args.embed_bits, args.embed_clip, args.embed_clip_sigmas, args.quant_scale_floor)
-    return QuantSpec(args.matrix_bits, args.matrix_clip, args.matrix_clip_sigmas, args.quant_scale_floor)
+    sigmas = args.matrix_clip_sigmas
+    if name.startswith("blocks."):  # blocks.<i>.mlp.* and blocks.<i>.attn.* may have their own k
+        sigmas = {"mlp": args.mlp_clip_sigmas, "attn": args.attn_clip_sigmas}.get(name.split(".")[2]) or sigmas
+    return QuantSpec(args.matrix_bits, args.matrix_clip, sigmas, args.quant_scale_floor)
 
 
 def architecture_of(args: Hyperparameters) -> dict:
@@ -1720,12 +1772,20 @@ def architecture_of(args: Hyperparameters) -> dict:
 # =================================================================================================
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, used from the challenge's PR #1344 on): a minimax-optimal
+# polynomial for each of five steps, so singular values near 0 grow fast early and settle at 1 late.
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
-def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate U V^T of g's SVD with a quintic Newton-Schulz iteration, in bf16. g: one matrix
-    (rows, cols) or a batch (n, rows, cols), each normalised by its own Frobenius norm."""
-    a, b, c = NS_COEFFICIENTS
+def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int, eps: float = 1e-7, polar: bool = False) -> torch.Tensor:
+    """Approximate U V^T of g's SVD with quintic Newton-Schulz steps x <- a x + (b A + c A^2) x,
+    A = x x^T, in bf16: the same (a, b, c) at every step, or Polar Express's triple per step. g: one
+    matrix (rows, cols) or a batch (n, rows, cols), each normalised by its own Frobenius norm."""
+    schedule = POLAR_EXPRESS[:steps] if polar else (NS_COEFFICIENTS,) * steps
     x = g.bfloat16()
     transposed = g.size(-2) > g.size(-1)
     if transposed:
@@ -1733,7 +1793,7 @@ def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int, eps: float = 1e-7) 
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     # addmm rounds to bf16 once per product: half the error of separate multiply and add ops
     fused = torch.addmm if x.ndim == 2 else torch.baddbmm
-    for _ in range(steps):
+    for a, b, c in schedule:
         gram = x @ x.mT
         x = fused(x, fused(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if transposed else x
@@ -1750,10 +1810,11 @@ class Muon(torch.optim.Optimizer):
     share is clipped)."""
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool = True, weight_decay: float = 0.0,
-                 backend_steps: int = 5, row_normalize: bool = False, grad_normalize: bool = False):
+                 backend_steps: int = 5, row_normalize: bool = False, grad_normalize: bool = False,
+                 polar: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       backend_steps=backend_steps, row_normalize=row_normalize,
-                                      grad_normalize=grad_normalize))
+                                      grad_normalize=grad_normalize, polar=polar))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -1788,7 +1849,8 @@ class Muon(torch.optim.Optimizer):
                     else torch.stack(bufs)
                 if group["row_normalize"]:  # MuonEq-R: every row of the update gets unit L2 norm
                     u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                u = zeropower_via_newtonschulz5(u, group["backend_steps"]) * max(1.0, rows / cols) ** 0.5
+                u = zeropower_via_newtonschulz5(u, group["backend_steps"], polar=group["polar"])
+                u = u * max(1.0, rows / cols) ** 0.5
                 for i, ui in zip(mine, u.to(dtype)):
                     flat[offsets[i]:offsets[i + 1]] = ui.reshape(-1)
             if world > 1:
@@ -1801,17 +1863,19 @@ class Muon(torch.optim.Optimizer):
 
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over parameter banks (PARALLEL_MUON=1, seed PR754): the matrices of one shape form a bank
-    (at the reference shape: q|o, k|v, mlp up, mlp down; c_q with headwise gate rows has its own). Gradients are reduce-scattered (averaged),
-    so each rank owns a slice of every bank (padded to a multiple of the world size); it keeps the
-    momentum of that slice only, runs one batched Newton-Schulz on it, and all-gathers the updates,
-    each bank's all-gather running while the next bank is orthogonalised. The update equals Muon's.
+    (at the reference shape: q|o, k|v, mlp up, mlp down; c_q with headwise gate rows has its own).
+    Gradients are reduce-scattered (averaged), so each rank owns a slice of every bank (padded to a
+    multiple of the world size); it keeps the momentum of that slice only, runs one batched
+    Newton-Schulz on it, and all-gathers the updates, each bank's all-gather running while the next
+    bank is orthogonalised. The update equals Muon's.
     The banked matrices must not be wrapped in DDP: call reduce_gradients() after backward."""
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool = True, weight_decay: float = 0.0,
-                 backend_steps: int = 5, row_normalize: bool = False, grad_normalize: bool = False):
+                 backend_steps: int = 5, row_normalize: bool = False, grad_normalize: bool = False,
+                 polar: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       backend_steps=backend_steps, row_normalize=row_normalize,
-                                      grad_normalize=grad_normalize))
+                                      grad_normalize=grad_normalize, polar=polar))
         self.banks: dict[tuple, list] = {}
         # Keyed by the group's index, not its identity: load_state_dict (the compile warm-up's undo)
         # replaces the group dicts.
@@ -1866,7 +1930,8 @@ class ParallelMuon(torch.optim.Optimizer):
             u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
             if group["row_normalize"]:
                 u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-            u = zeropower_via_newtonschulz5(u, group["backend_steps"]) * max(1.0, shape[0] / shape[1]) ** 0.5
+            u = zeropower_via_newtonschulz5(u, group["backend_steps"], polar=group["polar"])
+            u = u * max(1.0, shape[0] / shape[1]) ** 0.5
             u = u.to(torch.bfloat16 if u.is_cuda else torch.float32)  # gloo gathers float32
             full = torch.empty((u.size(0) * world, *shape), device=u.device, dtype=u.dtype)
             handle = dist.all_gather_single(full, u.contiguous(), async_op=True) if world > 1 else None
@@ -1906,7 +1971,8 @@ def build_optimizers(model: GPT, args: Hyperparameters, device: torch.device) ->
         muon_cls = ParallelMuon if args.parallel_muon else Muon
         muon = muon_cls([p for _, p in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
                     weight_decay=args.muon_wd, backend_steps=args.muon_backend_steps,
-                    row_normalize=args.muon_row_normalize, grad_normalize=args.muon_grad_normalize)
+                    row_normalize=args.muon_row_normalize, grad_normalize=args.muon_grad_normalize,
+                    polar=args.muon_polar)
         for g in muon.param_groups:
             g["base_lr"] = args.matrix_lr
         optimizers.append(muon)
@@ -1963,7 +2029,8 @@ def apply_final_weights(model: nn.Module, ema: EMA | None, swa: SWA | None) -> s
 def lr_multiplier(step: int, elapsed_s: float, args: Hyperparameters) -> float:
     """LR multiplier in [MIN_LR, 1] for the step about to run.
 
-    warm-up: (step+1)/WARMUP_STEPS for the first WARMUP_STEPS steps. warm-down, linear to MIN_LR:
+    warm-up: (step+1)/WARMUP_STEPS for the first WARMUP_STEPS steps. warm-down, linear towards 0 and
+    never below MIN_LR (the records' max((1 - f) / w, MIN_LR)):
       * WARMDOWN_FRAC > 0: over the last fraction of the budget; progress is the larger of
         elapsed/MAX_WALLCLOCK_SECONDS (when capped) and step/ITERATIONS;
       * else over the last WARMDOWN_ITERS steps, counted both in steps (before ITERATIONS) and,
@@ -1983,7 +2050,7 @@ def lr_multiplier(step: int, elapsed_s: float, args: Hyperparameters) -> float:
             remaining = min(remaining, max(0.0, (cap - elapsed_s) / (args.warmdown_iters * step_s)))
     else:
         remaining = 1.0
-    return min(warm, args.min_lr + (1.0 - args.min_lr) * remaining)
+    return min(warm, max(args.min_lr, remaining))
 
 
 def budget_fraction(step: int, elapsed_s: float, args: Hyperparameters) -> float:

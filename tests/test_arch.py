@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import counting_compile
-from train_gpt import (BOS_ID, GPT, Hyperparameters, SmearGate, bigram_buckets, build_optimizers,
+from train_gpt import (BOS_ID, GPT, Hyperparameters, SmearGate, WindowSmearGate, bigram_buckets, build_optimizers,
                        exclusive_self_attention, parameter_groups)
 
 V, d, L, H, HKV, D = 64, 32, 4, 4, 2, 8
@@ -22,9 +22,11 @@ FEATURES = {
     "xsa_all": ({"XSA_LAST_N": str(L)}, 0),
     "gated_attn": ({"GATED_ATTN": "1"}, L * (H * d + H)),
     "gated_attn_headwise": ({"GATED_ATTN": "headwise", "XSA_LAST_N": str(L)}, L * H * d),  # H rows of c_q
+    "gated_attn_sparse": ({"GATED_ATTN": "sparse", "GATE_WINDOW": "5", "XSA_LAST_N": "2"}, L * H * 5),
     "value_residual": ({"VALUE_RESIDUAL": "1"}, L * 2),  # layer 0's pair is held but unused
     "value_embeddings": ({"VE_ENABLED": "1", "VE_DIM": "8", "VE_LAYERS": "2,3"}, V * 8 + 8 * KV + 1 + 2),
     "smear_gate": ({"SMEAR_GATE": "1"}, d),
+    "smear_window": ({"SMEAR_GATE": "1", "SMEAR_MODE": "window", "GATE_WINDOW": "5"}, 5 + 1),
     "bigram_hash": ({"BIGRAM_VOCAB_SIZE": "50", "BIGRAM_DIM": "8"}, 50 * 8 + 8 * d + 1),
     "leaky2": ({"MLP_ACT": "leaky2"}, 0),
     "skip_gates": ({"SKIP_GATES": "1"}, 2 * d),
@@ -36,7 +38,7 @@ FEATURES = {
 }
 # Every feature at once, but one gate form, one recurrence form and no routing (which needs
 # physical layers: ATTN_RES with recurrence is refused).
-NOT_IN_ALL = ("gated_attn", "recurrence_layer", "attn_res")
+NOT_IN_ALL = ("gated_attn", "gated_attn_sparse", "smear_window", "recurrence_layer", "attn_res")
 ALL = {k: v for name, (env, _) in FEATURES.items() if name not in NOT_IN_ALL for k, v in env.items()}
 ALL_EXTRA = sum(extra for name, (_, extra) in FEATURES.items() if name not in NOT_IN_ALL + ("skip_gates",)) + 4 * d
 
@@ -124,6 +126,43 @@ def test_smear_gate_never_crosses_a_bos():
     x2 = x.clone()
     x2[:, :3] = torch.randn(1, 3, d)  # change the whole previous document
     assert torch.equal(smear(x2, ids)[:, 3:], out[:, 3:])
+
+
+def test_window_smear_gate_by_hand():
+    """x_t + lam * sigmoid(w . x_t[:5]) * x_{t-1}, nothing at position 0 or at a BOS; identity at init."""
+    smear = WindowSmearGate(5)
+    x = torch.randn(1, 6, d)
+    ids = torch.tensor([[BOS_ID, 5, 6, BOS_ID, 7, 8]])
+    assert torch.equal(smear(x, ids), x)  # lam = 0, w = 0
+    with torch.no_grad():
+        smear.gate.copy_(torch.randn(5))
+        smear.lam.fill_(0.7)
+    out = smear(x, ids)
+    for t in range(6):
+        expected = x[0, t]
+        if t > 0 and ids[0, t] != BOS_ID:
+            expected = x[0, t] + 0.7 * torch.sigmoid(x[0, t, :5] @ smear.gate) * x[0, t - 1]
+        torch.testing.assert_close(out[0, t], expected)
+
+
+def test_sparse_attention_gate_by_hand():
+    """GATED_ATTN=sparse: each head's output (after XSA) times sigmoid(SPARSE_GATE_SCALE * W_h . x[:5]),
+    x the attention's normalised input; the same weights ungated give the head outputs."""
+    env = {"GATE_WINDOW": "5", "SPARSE_GATE_SCALE": "0.7", "XSA_LAST_N": str(L)}
+    gated = randomize(make({**env, "GATED_ATTN": "sparse"})).eval()
+    plain = make(env).eval()
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "gate_w" not in k})
+    attn, plain_attn = gated.blocks[1].attn, plain.blocks[1].attn
+    heads = []
+    plain_attn.proj.register_forward_pre_hook(lambda m, inp: heads.append(inp[0]))
+    x = torch.randn(2, 7, d)
+    cos, sin = gated.rotary(7, "cpu")
+    with torch.no_grad():
+        out = attn(x, cos, sin)[0]
+        plain_attn(x, cos, sin)
+        g = torch.sigmoid(0.7 * x[..., :5] @ attn.gate_w.T)  # (B, T, H)
+        y = heads[0].view(2, 7, H, D) * g[..., None]
+        torch.testing.assert_close(out, attn.proj(y.reshape(2, 7, d)))
 
 
 def test_bigram_buckets_by_hand():

@@ -71,6 +71,20 @@ def test_roles_by_hand():
     assert quant_spec_for("blocks.0.mlp.fc.weight", torch.zeros(256, 256), args) is None  # 65,536: stored fp16
 
 
+def test_clip_sigmas_per_matrix_group():
+    """MLP_CLIP_SIGMAS and ATTN_CLIP_SIGMAS for the blocks' MLP and attention matrices, MATRIX_CLIP_SIGMAS
+    for the other matrices (and for a group whose own k is 0), EMBED_CLIP_SIGMAS for the embedding."""
+    args = Hyperparameters.from_env({"PRESET": "pr2005", "MLP_CLIP_SIGMAS": "11.5", "ATTN_CLIP_SIGMAS": "13",
+                                     "MATRIX_CLIP_SIGMAS": "12.85", "EMBED_CLIP_SIGMAS": "14", "BIGRAM_VOCAB_SIZE": "512"})
+    w = torch.zeros(1024, 512)
+    sigmas = {name: quant_spec_for(name, w, args).sigmas for name in (
+        "blocks.3.mlp.fc.weight", "blocks.3.mlp.proj.weight", "blocks.0.attn.c_q.weight", "blocks.10.attn.proj.weight",
+        "bigram.proj.weight", "tok_emb.weight")}
+    assert sigmas == {"blocks.3.mlp.fc.weight": 11.5, "blocks.3.mlp.proj.weight": 11.5, "blocks.0.attn.c_q.weight": 13.0,
+                      "blocks.10.attn.proj.weight": 13.0, "bigram.proj.weight": 12.85, "tok_emb.weight": 14.0}
+    assert quant_spec_for("blocks.3.mlp.fc.weight", w, args.replace("test", mlp_clip_sigmas=0.0)).sigmas == 12.85
+
+
 # Every feature on, in two configurations (block attention residuals need physical layers, so they
 # exclude recurrence), and every architecture knob away from its value in CONFIGURED in at least one.
 COMMON = dict(PRESET="baseline", VOCAB_SIZE="64", NUM_LAYERS="5", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2",
@@ -80,7 +94,8 @@ COMMON = dict(PRESET="baseline", VOCAB_SIZE="64", NUM_LAYERS="5", MODEL_DIM="32"
               LEAKY_SLOPE="0.3", SKIP_GATES="1", PARALLEL_RESIDUAL_START="3", PARALLEL_RESIDUAL_GATE="1",
               ARTIFACT="unused.ptz")  # so that EVAL_ONLY=1 is a valid change too
 LOOPED = dict(COMMON, NUM_LOOPS="1", LOOP_START="1", LOOP_END="2", LOOP_MODE="layer")
-ROUTED = dict(COMMON, ATTN_RES="1", ATTN_RES_BLOCKS="2", ATTN_RES_MIX="0.4", ATTN_RES_TEMP="0.9", DOC_ISOLATION="1")
+ROUTED = dict(COMMON, ATTN_RES="1", ATTN_RES_BLOCKS="2", ATTN_RES_MIX="0.4", ATTN_RES_TEMP="0.9", DOC_ISOLATION="1",
+              GATED_ATTN="sparse", GATE_WINDOW="6", SPARSE_GATE_SCALE="0.7", SMEAR_MODE="window")
 CONFIGURED = dict(PRESET="baseline", UNET_SKIPS="0", ATTN_RES_BLOCKS="4")
 ALTERNATIVES = {"ve_layers": ["2", "4"], "gated_attn": ["0", "headwise"]}
 
