@@ -2,6 +2,7 @@
 against plain rounding on a trained model's activations, an exact round trip for every scheme,
 compressor and byte shuffle, one clear error for bad files, SIZE_CHECK and the self-extracting copy."""
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -16,7 +17,7 @@ from train_gpt import (ARTIFACT_HEADER, ARTIFACT_VERSION, COMPRESSORS, CPU_RUNTI
                        ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
                        build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
                        gptq_round, pack_artifact, quant_spec_for, quantize_rows, quantize_state_dict, row_quantiles,
-                       shard_files, training_step, unpack_artifact)
+                       shard_files, shipped_code, training_step, unpack_artifact, without_docs)
 
 CPU = CPU_RUNTIME_FOR_TESTS
 
@@ -328,7 +329,31 @@ def test_self_extracting_copy_runs_and_reproduces(tiny_data, tmp_path):
     b = subprocess.run([sys.executable, str(packed)], env=full, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert b.returncode == 0, b.stderr[-3000:]
     assert json.loads((tmp_path / "b" / "submission.json").read_text())["val_bpb"] == sub["val_bpb"]
-    assert "def main()" in (tmp_path / "b" / "train.log").read_text()  # the log keeps the readable source
+    assert "def main()" in (tmp_path / "b" / "train.log").read_text()  # the log keeps the source it ran
+
+
+def docstrings_dropped(tree: ast.AST) -> str:
+    """ast.dump of `tree` with every module, class and function docstring removed (written here
+    independently of the script's own stripping)."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+            if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def test_packed_code_is_the_same_program_and_fits_its_budget():
+    """The self-extracting copy packs the script without docstrings and comments: the same syntax tree
+    otherwise, and at most 48,000 counted bytes for the default preset (the size before the frontier
+    features; every byte of code is a byte the weights cannot use)."""
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    stripped = without_docs(source)
+    assert docstrings_dropped(ast.parse(stripped)) == docstrings_dropped(ast.parse(source))
+    assert '"""' not in stripped and "\n#" not in stripped and without_docs(stripped) == stripped
+    code = shipped_code(Hyperparameters.from_env({"PRESET": "pr2005"}))
+    assert len(code) <= 48_000, f"the counted code grew to {len(code)} bytes"
 
 
 @pytest.mark.parametrize("calib", ["train", "selfgen"])
