@@ -299,6 +299,10 @@ class Hyperparameters:
     gptq_damp: float = knob(0.01, "GPTQ damping: this fraction of the Hessian's mean diagonal (x10, x100 on failure)",
                             lo=1e-6)
     gptq_reserve_seconds: float = knob(0.0, "seconds of MAX_WALLCLOCK_SECONDS kept for GPTQ calibration", lo=0.0)
+    lqer_top_k: int = knob(0, "LQER: a low-rank correction of the K rounded tensors with the largest error; 0 = off",
+                           lo=0)
+    lqer_rank: int = knob(4, "rank of each LQER correction A @ B (A int2, one scale; B int4, a scale per group)", lo=1)
+    lqer_group: int = knob(64, "values of B per int4 scale", lo=1)
     compressor: str = knob("zlib", "artifact compressor", choices=("zlib", "zstd", "brotli", "lzma"))
     compress_level: int = knob(-1, "compressor level; -1 = the compressor's maximum (lzma: preset 9, "
                                "not EXTREME, as PR #1696 packed)", lo=-1, hi=22)
@@ -2396,6 +2400,9 @@ def evaluate_ttt(model: GPT, val: ValidationSet, ctx: Context,
 
 CAP_BYTES = 16_000_000  # decimal: a size converted with 1024*1024 (MiB) once broke the cap in a public record
 GPTQ_BLOCK = 128
+# The kinds of tensors an artifact holds, each keyed by parameter name: rounded integers and their
+# row scales, tensors stored as they are, and LQER's factors and scales.
+SECTIONS = ("q", "scale", "passthrough", "lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")
 GPTQ_DAMP_RETRIES = (1, 10, 100)  # GPTQ_DAMP, then ten and a hundred times it, before giving up on a matrix
 ARTIFACT_MAGIC = b"PGLF"
 # 3: the model's meta holds its architecture and the kept switches' states; 4: RoPE turns the other
@@ -2473,7 +2480,7 @@ def passthrough(t: torch.Tensor, storage: str, args: Hyperparameters) -> torch.T
 def quantize_state_dict(state: dict[str, torch.Tensor], args: Hyperparameters,
                         hessians: dict[str, torch.Tensor] | None = None, log=None) -> dict:
     """The quantised form that is serialised into the artifact: each tensor as its role says."""
-    out = {"q": {}, "scale": {}, "passthrough": {}, "dtype": {}}
+    out = {section: {} for section in SECTIONS} | {"dtype": {}}
     for name, t in state.items():
         t = t.detach().cpu()
         out["dtype"][name] = str(t.dtype).removeprefix("torch.")
@@ -2495,7 +2502,48 @@ def quantize_state_dict(state: dict[str, torch.Tensor], args: Hyperparameters,
                 if damp != args.gptq_damp and log:
                     log(f"gptq: {name} needed damping {damp:g} (Cholesky failed at less)")
         out["q"][name], out["scale"][name] = q.to(torch.int8), scale
+    if args.lqer_top_k:
+        add_lqer(out, state, args, log)
     return out
+
+
+def lqer_factors(error: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-r approximation of `error` (SVD), as A = U_r S_r (rows, r) and B = V_r^T (r, cols)."""
+    U, S, Vh = torch.linalg.svd(error.float(), full_matrices=False)
+    r = min(rank, S.numel())
+    return U[:, :r] * S[:r], Vh[:r]
+
+
+def pack_lqer(A: torch.Tensor, B: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """A as int2 in [-2, 1] with one fp16 scale max|A| / 1.5; B as int4 in [-8, 7] with an fp16 scale
+    max|.| / 7.5 per group of consecutive values of its flattened form: PR #1797's asymmetric LQER, as
+    PR #1855 stored it. The group is gcd(group, B's size), so it divides B and the reader finds it
+    from the number of scales."""
+    a_scale = (A.abs().max().clamp_min(1e-10) / 1.5).half()
+    a = torch.clamp(torch.round(A / a_scale.float()), -2, 1).to(torch.int8)
+    groups = B.reshape(-1, math.gcd(group, B.numel()))
+    b_scale = (groups.abs().amax(dim=1).clamp_min(1e-10) / 7.5).half()
+    b = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).to(torch.int8).view(B.shape)
+    return {"lqer_a": a, "lqer_a_scale": a_scale, "lqer_b": b, "lqer_b_scale": b_scale}
+
+
+def lqer_correction(a, a_scale, b, b_scale) -> torch.Tensor:
+    """The stored correction A @ B, dequantised (the inverse of pack_lqer)."""
+    groups = b.float().reshape(b_scale.numel(), -1) * b_scale.float()[:, None]
+    return (a.float() * a_scale.float()) @ groups.view(b.shape)
+
+
+def add_lqer(out: dict, state: dict, args: Hyperparameters, log=None) -> None:
+    """LQER_TOP_K: after rounding (GPTQ or plain), the tensors with the largest ||W - W_hat||_F get a
+    rank-LQER_RANK correction of their rounding error, stored in the artifact and added on load."""
+    errors = {name: state[name].detach().cpu().float() - dequantize_rows(q, out["scale"][name])
+              for name, q in out["q"].items()}
+    top = sorted(errors, key=lambda n: -errors[n].norm().item())[:args.lqer_top_k]
+    for name in top:
+        for section, t in pack_lqer(*lqer_factors(errors[name], args.lqer_rank), args.lqer_group).items():
+            out[section][name] = t
+    if log:
+        log(f"lqer: rank-{args.lqer_rank} corrections of {', '.join(top)}")
 
 
 @torch.no_grad()
@@ -2538,7 +2586,8 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor
     for name in sorted(targets):  # the same order on every rank, also on one that had no batch
         dim = targets[name].in_features if isinstance(targets[name], nn.Linear) else model.args.model_dim
         local = sums.get(name, torch.zeros(dim, dim, device=rt.device))
-        total = rt.all_reduce(torch.cat([local.reshape(-1), torch.tensor([float(counts.get(name, 0))], device=rt.device)]))
+        count = torch.tensor([float(counts.get(name, 0))], device=rt.device)
+        total = rt.all_reduce(torch.cat([local.reshape(-1), count]))
         out[name] = (total[:-1] / total[-1].clamp_min(1)).view(dim, dim)
     return out
 
@@ -2580,6 +2629,8 @@ def dequantize_state_dict(qstate: dict) -> dict[str, torch.Tensor]:
     for name, dtype in qstate["dtype"].items():
         if name in qstate["q"]:
             t = dequantize_rows(qstate["q"][name], qstate["scale"][name])
+            if name in qstate["lqer_a"]:
+                t = t + lqer_correction(*(qstate[s][name] for s in SECTIONS[3:]))  # both uses of a tied embedding
         else:
             t = qstate["passthrough"][name]
         state[name] = t.to(getattr(torch, dtype))
@@ -2590,7 +2641,7 @@ def serialize(qstate: dict, meta: dict) -> bytes:
     """A JSON index, then raw tensor bytes grouped by kind (int8 values, scales, passthrough), which
     compresses better than a pickle and needs no unpickling to read."""
     index, parts = [], []
-    for section in ("q", "scale", "passthrough"):
+    for section in SECTIONS:
         for name, t in qstate[section].items():
             index.append([section, name, str(t.dtype).removeprefix("torch."), list(t.shape)])
             parts.append(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -2601,7 +2652,7 @@ def serialize(qstate: dict, meta: dict) -> bytes:
 def deserialize(data: bytes) -> tuple[dict, dict]:
     (n,) = struct.unpack_from("<I", data)
     meta = json.loads(data[4:4 + n])
-    qstate = {"q": {}, "scale": {}, "passthrough": {}, "dtype": meta["dtype"]}
+    qstate = {section: {} for section in SECTIONS} | {"dtype": meta["dtype"]}
     offset = 4 + n
     for section, name, dtype, shape in meta["tensors"]:
         dt = getattr(torch, dtype)

@@ -5,6 +5,8 @@ compressor and byte shuffle, one clear error for bad files, SIZE_CHECK and the s
 import ast
 import dataclasses
 import json
+import math
+import re
 import subprocess
 import sys
 import zlib
@@ -17,7 +19,8 @@ from train_gpt import (ARTIFACT_HEADER, ARTIFACT_VERSION, COMPRESSORS, CPU_RUNTI
                        ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
                        build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
                        gptq_round, pack_artifact, quant_spec_for, quantize_rows, quantize_state_dict, row_quantiles,
-                       shard_files, shipped_code, training_step, unpack_artifact, without_docs)
+                       lqer_correction, lqer_factors, pack_lqer, shard_files, shipped_code, training_step,
+                       unpack_artifact, without_docs)
 
 CPU = CPU_RUNTIME_FOR_TESTS
 
@@ -358,13 +361,71 @@ def test_packed_code_is_the_same_program_and_fits_its_budget():
 
 @pytest.mark.parametrize("calib", ["train", "selfgen"])
 def test_gptq_run_end_to_end(tiny_data, tmp_path, calib):
+    """GPTQ from training data or self-generated sequences, then LQER on the two largest errors, through
+    the artifact and its scoring."""
     env = tiny_env(tiny_data, tmp_path, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=5, GPTQ=1, MATRIX_BITS=6,
                    MATRIX_CLIP="sdclip", GPTQ_CALIB=calib, GPTQ_CALIB_SEQS=8, GPTQ_SELFGEN_LEN=16, TTT_ENABLED=0,
-                   COMPRESSOR="brotli", BYTE_SHUFFLE=1)
+                   COMPRESSOR="brotli", BYTE_SHUFFLE=1, LQER_TOP_K=2)
     proc = run_script(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "artifact: quantised with GPTQ" in proc.stdout and "final_int6_gptq_brotli_roundtrip_exact" in proc.stdout
     assert ("counted as training" in proc.stdout) == (calib == "train")
+    assert re.search(r"lqer: rank-4 corrections of \S+, \S+\n", proc.stdout), proc.stdout[-2000:]
+
+
+def test_lqer_factors_reach_the_svd_bound():
+    """Exact factors leave the Eckart-Young error sqrt(sum of the squared singular values past the
+    rank); the int2/int4 factors keep part of that gain."""
+    g = torch.Generator().manual_seed(0)
+    error = torch.randn(96, 128, generator=g) * 0.01 + torch.randn(96, 3, generator=g) @ torch.randn(3, 128, generator=g) * 0.02
+    A, B = lqer_factors(error, 4)
+    assert A.shape == (96, 4) and B.shape == (4, 128)
+    bound = torch.linalg.svdvals(error.double())[4:].square().sum().sqrt().item()
+    assert (error - A @ B).norm().item() == pytest.approx(bound, rel=1e-4)
+    stored = lqer_correction(*pack_lqer(A, B, 64).values())
+    # int2 A (four levels, one scale) keeps a part of the gain: measured 4.37 -> 3.20 (exact factors: 1.06)
+    assert bound < (error - stored).norm() < 0.85 * error.norm()
+
+
+@pytest.mark.parametrize("group", [64, 48])  # 48 does not divide 4 x 128: groups of gcd(48, 512) = 16
+def test_lqer_storage_by_hand(group):
+    g = torch.Generator().manual_seed(group)
+    A, B = torch.randn(10, 4, generator=g), torch.randn(4, 128, generator=g)
+    packed = pack_lqer(A, B, group)
+    a, a_scale, b, b_scale = packed["lqer_a"], packed["lqer_a_scale"], packed["lqer_b"], packed["lqer_b_scale"]
+    assert a.dtype == b.dtype == torch.int8 and a.min() >= -2 and a.max() <= 1 and b.min() >= -8 and b.max() <= 7
+    group = math.gcd(group, 512)
+    assert a_scale.dtype == b_scale.dtype == torch.float16 and b_scale.numel() == 512 // group
+    assert a_scale.item() == pytest.approx(A.abs().max().item() / 1.5, rel=1e-3)
+    flat = B.reshape(-1)
+    expected_b = torch.empty(512)
+    for i, lo in enumerate(range(0, 512, group)):  # each group: its own scale, max / 7.5
+        s = flat[lo:lo + group].abs().max().half().float().item() / 7.5
+        assert b_scale[i].item() == pytest.approx(s, rel=1e-3)
+        expected_b[lo:lo + group] = torch.clamp(torch.round(flat[lo:lo + group] / b_scale[i].float()), -8, 7)
+    assert torch.equal(b.reshape(-1).float(), expected_b)
+    by_hand = (a.float() * a_scale.float()) @ (expected_b * b_scale.float().repeat_interleave(group)).view(4, 128)
+    torch.testing.assert_close(lqer_correction(a, a_scale, b, b_scale), by_hand)
+
+
+def test_lqer_in_the_artifact(trained_tiny):
+    """LQER_TOP_K=3: the three tensors with the largest rounding error get a correction, stored, read
+    back and added on load; every other tensor is exactly what it is without LQER."""
+    model, _ = trained_tiny
+    state = model.state_dict()
+    plain_args = scheme_args(6, "sdclip", 7)
+    args = plain_args.replace("test", lqer_top_k=3)
+    base = dequantize_state_dict(quantize_state_dict(state, plain_args))
+    qstate = quantize_state_dict(state, args)
+    err = {n: (state[n].float() - base[n].float()).norm().item() for n in quantize_state_dict(state, plain_args)["q"]}
+    assert set(qstate["lqer_a"]) == set(sorted(err, key=err.get)[-3:])
+    _, read = unpack_artifact(pack_artifact(qstate, {}, "brotli", 5, True))
+    after = dequantize_state_dict(read)
+    for name, t in after.items():
+        if name in qstate["lqer_a"]:
+            assert (state[name].float() - t.float()).norm() < 0.999 * (state[name].float() - base[name].float()).norm()
+        else:
+            assert torch.equal(t, base[name]), name
 
 
 def test_quant_benchmark_runs_in_quick_mode(tiny_data, tmp_path):
