@@ -202,6 +202,9 @@ class Hyperparameters:
     parallel_residual_start: int = arch(-1, "from this physical layer on, attention and MLP read the same "
                                         "input; -1 = off", lo=-1)
     parallel_residual_gate: bool = arch(False, "parallel blocks add g*attention + (1-g)*MLP, g learned from 0.5")
+    parallel_lanes_start: int = arch(-1, "two-lane decoder from this physical layer (PR #1530's, as #1855 ran it): "
+                                     "attention reads lane 0, the MLP lane 1, both write both through learned "
+                                     "scalars; -1 = off", lo=-1)
     attn_res: bool = arch(False, "block attention residuals: layers after the first block boundary route "
                           "their input over the detached embedding and block-boundary states")
     attn_res_blocks: int = arch(2, "blocks of ceil(NUM_LAYERS / ATTN_RES_BLOCKS) layers; their boundaries are "
@@ -409,6 +412,16 @@ class Hyperparameters:
         if self.muon_polar and self.muon_backend_steps > len(POLAR_EXPRESS):
             raise ConfigError(f"MUON_POLAR=1 has coefficients for {len(POLAR_EXPRESS)} Newton-Schulz steps; "
                               f"MUON_BACKEND_STEPS={self.muon_backend_steps} asks for more")
+        if self.parallel_lanes_start >= 0:
+            if self.parallel_lanes_start >= self.num_layers:
+                raise ConfigError(f"PARALLEL_LANES_START={self.parallel_lanes_start} must be below "
+                                  f"NUM_LAYERS={self.num_layers} (-1 = off)")
+            if self.parallel_residual_start >= 0 or self.attn_res:
+                raise ConfigError("PARALLEL_LANES_START (two lanes) cannot be combined with PARALLEL_RESIDUAL_START "
+                                  "(one stream) or ATTN_RES (which routes one stream); turn one off")
+            if self.num_loops and self.parallel_lanes_start <= self.loop_end:
+                raise ConfigError(f"PARALLEL_LANES_START={self.parallel_lanes_start} must be after LOOP_END="
+                                  f"{self.loop_end}: a repeated layer cannot run inside the two-lane decoder")
         if self.parallel_residual_gate and self.parallel_residual_start < 0:
             raise ConfigError("PARALLEL_RESIDUAL_GATE=1 gates parallel blocks, and PARALLEL_RESIDUAL_START=-1 makes "
                               "none: set PARALLEL_RESIDUAL_START to a layer, or PARALLEL_RESIDUAL_GATE=0")
@@ -1442,6 +1455,17 @@ class Block(nn.Module):
         x = x + self.attn_scale * a
         return x + self.mlp_scale * self.mlp(rms_norm(x) * s), v
 
+    def lanes(self, lane0, lane1, x0, cos, sin, resid, post, v0=None, ve=None, segments=None):
+        """PARALLEL_LANES_START: a = attn_scale * Attn(norm(resid_mix . [lane0, x0]) * s),
+        m = mlp_scale * MLP(norm(lane1) * s); lane_k = resid[k] * lane_k + post[0, k] * a + post[1, k] * m.
+        Returns (lane0, lane1, v)."""
+        s = self.ln_scale
+        a, v = self.attn(rms_norm(self.resid_mix[0] * lane0 + self.resid_mix[1] * x0) * s, cos, sin, v0, ve, segments)
+        a = self.attn_scale * a
+        m = self.mlp_scale * self.mlp(rms_norm(lane1) * s)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m, v)
+
 
 def bigram_buckets(input_ids: torch.Tensor, buckets: int) -> torch.Tensor:
     """Hash of (previous token, token). Position 0, every BOS and every token right after a BOS use
@@ -1526,6 +1550,10 @@ class GPT(nn.Module):
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.looping = False  # depth recurrence on (an instance attribute: torch.compile guards on it)
+        # Two-lane decoder: per layer, each lane's residual factor (from 1.1) and what attention and
+        # the MLP write into each lane (from 1); held for every layer, as PR #1855 did.
+        self.lane_resid = nn.Parameter(torch.full((L, 2), 1.1)) if args.parallel_lanes_start >= 0 else None
+        self.lane_post = nn.Parameter(torch.ones(L, 2, 2)) if args.parallel_lanes_start >= 0 else None
         in_place = args.num_loops and args.loop_mode == "layer"
         self.recur_gates = nn.Parameter(torch.zeros(args.loop_end - args.loop_start + 1)) if in_place else None
         n_units = len(self.units(looping=args.num_loops > 0))
@@ -1588,6 +1616,7 @@ class GPT(nn.Module):
         | vr_lambda (value residual)             | [0.5, 0.5]                                      |
         | recur_gates (layer recurrence)         | zeros (extra passes start switched off)         |
         | par_gate (gated parallel residuals)    | 0.5                                             |
+        | lane_resid, lane_post (two lanes)      | 1.1, ones                                       |
         | ve_table, ve_proj, ve_scale, per layer | normal std 0.01, default, 0.1, ones             |
         | smear gate, skip_gates, attn_res_q     | zeros (sigmoid 0.5, 0.5, uniform routing)       |
         | smear lam (window SmearGate)           | zero (the gate starts as the identity)          |
@@ -1643,10 +1672,20 @@ class GPT(nn.Module):
         units = self.units()
         n_enc = len(units) // 2 if self.skip_weights is not None else 0
         n_skip = min(n_enc, len(units) - n_enc)
-        skips, v0 = [], None
+        skips, v0, lanes = [], None, None
         sources = [x0.detach()] if self.attn_res_q is not None else None
         for i, unit in enumerate(units):
             j = i - n_enc
+            if lanes is None and self.lane_resid is not None and i >= n_enc \
+                    and unit[0] >= self.args.parallel_lanes_start:
+                lanes = (x, x)  # the two-lane decoder starts: both lanes from the stream
+            if lanes is not None:  # one layer per unit here (validated): the skip joins lane 0
+                layer, lane0 = unit[0], self.merge_skip(lanes[0], skips.pop(), j) if 0 <= j < n_skip else lanes[0]
+                ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
+                *lanes, v = self.blocks[layer].lanes(lane0, lanes[1], x0, cos, sin, self.lane_resid[layer],
+                                                     self.lane_post[layer], v0 if layer > 0 else None, ve_i, segments)
+                v0 = v if v0 is None else v0
+                continue
             if 0 <= j < n_skip:
                 x = self.merge_skip(x, skips.pop(), j)
             if sources is not None and unit[0] >= self.attn_res_first:  # x0 and at least one boundary
@@ -1662,6 +1701,8 @@ class GPT(nn.Module):
                 skips.append(x)
             if sources is not None and (i + 1) % self.attn_res_first == 0 and i + 1 < len(units):
                 sources.append(x.detach())  # a block boundary
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
     def merge_skip(self, x: torch.Tensor, skip: torch.Tensor, j: int) -> torch.Tensor:
@@ -1728,7 +1769,8 @@ PARAMETER_ROLES: tuple[tuple[str, ParamRole], ...] = (
     # the balance of the residual stream.
     (_BLOCK + r"(attn_scale|mlp_scale|resid_mix|par_gate|attn\.(q_gain|gate_w|gate_b|vr_lambda))",
      ParamRole("scalar", "control")),
-    (r"skip_weights|skip_gates|recur_gates|attn_res_q|smear\.(gate|lam)|bigram\.scale|ve_scale|ve_layer_scales",
+    (r"skip_weights|skip_gates|recur_gates|attn_res_q|lane_resid|lane_post|smear\.(gate|lam)|bigram\.scale|ve_scale|"
+     r"ve_layer_scales",
      ParamRole("scalar", "control")),
     # BigramHash and value embeddings: lookup tables at the embedding's learning rate; projections.
     (r"bigram\.table\.weight|ve_table\.weight", ParamRole("embed", "table")),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import counting_compile
-from train_gpt import (BOS_ID, GPT, Hyperparameters, SmearGate, WindowSmearGate, bigram_buckets, build_optimizers,
+from train_gpt import (BOS_ID, GPT, ConfigError, Hyperparameters, SmearGate, WindowSmearGate, bigram_buckets, build_optimizers,
                        exclusive_self_attention, parameter_groups)
 
 V, d, L, H, HKV, D = 64, 32, 4, 4, 2, 8
@@ -35,10 +35,11 @@ FEATURES = {
     "parallel_residual": ({"PARALLEL_RESIDUAL_START": "2"}, 0),
     "parallel_residual_gate": ({"PARALLEL_RESIDUAL_START": "2", "PARALLEL_RESIDUAL_GATE": "1"}, 2),
     "attn_res": ({"ATTN_RES": "1"}, (L - L // 2) * d),  # queries for the layers after the first block
+    "parallel_lanes": ({"PARALLEL_LANES_START": "3"}, L * 6),  # (L, 2) residual and (L, 2, 2) write factors
 }
 # Every feature at once, but one gate form, one recurrence form and no routing (which needs
 # physical layers: ATTN_RES with recurrence is refused).
-NOT_IN_ALL = ("gated_attn", "gated_attn_sparse", "smear_window", "recurrence_layer", "attn_res")
+NOT_IN_ALL = ("gated_attn", "gated_attn_sparse", "smear_window", "recurrence_layer", "attn_res", "parallel_lanes")
 ALL = {k: v for name, (env, _) in FEATURES.items() if name not in NOT_IN_ALL for k, v in env.items()}
 ALL_EXTRA = sum(extra for name, (_, extra) in FEATURES.items() if name not in NOT_IN_ALL + ("skip_gates",)) + 4 * d
 
@@ -378,6 +379,42 @@ def test_layer_recurrence_pairs_skips_over_physical_layers():
     model = make({"NUM_LAYERS": "11", "NUM_LOOPS": "1", "LOOP_START": "3", "LOOP_END": "5", "LOOP_MODE": "layer"})
     assert model.layer_order(looping=True) == [0, 1, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8, 9, 10]
     assert model.skip_weights.shape == (5, d) and model.recur_gates.shape == (3,)
+
+
+def test_two_lane_decoder_by_hand():
+    """PARALLEL_LANES_START=2 on 4 layers (U-Net: encoder 0, 1; decoder 2, 3): the lanes start equal at
+    layer 2, the skips join lane 0, attention reads lane 0 (with x0 through resid_mix), the MLP lane 1,
+    each lane_k = r_k lane_k + P[0,k] a + P[1,k] m; the output is the normalised mean of the lanes."""
+    model = randomize(make({"PARALLEL_LANES_START": "2", "XSA_LAST_N": "1"})).eval()
+    x = tokens()
+    norm = lambda t: torch.nn.functional.rms_norm(t, (d,))  # noqa: E731
+    with torch.no_grad():
+        h = x0 = norm(model.tok_emb(x))
+        cos, sin = model.rotary(x.size(1), "cpu")
+        skips = []
+        for layer in (0, 1):
+            h = model.blocks[layer](h, x0, cos, sin)[0]
+            skips.append(h)
+        lane0 = lane1 = h
+        for j, layer in enumerate((2, 3)):
+            block, r, P = model.blocks[layer], model.lane_resid[layer], model.lane_post[layer]
+            lane0 = lane0 + model.skip_weights[j] * skips.pop()
+            a = block.attn_scale * block.attn(norm(block.resid_mix[0] * lane0 + block.resid_mix[1] * x0) * block.ln_scale,
+                                              cos, sin)[0]
+            m = block.mlp_scale * block.mlp(norm(lane1) * block.ln_scale)
+            lane0, lane1 = r[0] * lane0 + P[0, 0] * a + P[1, 0] * m, r[1] * lane1 + P[0, 1] * a + P[1, 1] * m
+        torch.testing.assert_close(model.hidden(x), norm(0.5 * (lane0 + lane1)))
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"PARALLEL_LANES_START": "2", "PARALLEL_RESIDUAL_START": "1"}, "PARALLEL_RESIDUAL_START"),
+    ({"PARALLEL_LANES_START": "2", "ATTN_RES": "1"}, "ATTN_RES"),
+    ({"PARALLEL_LANES_START": "1", "NUM_LOOPS": "1", "LOOP_START": "1", "LOOP_END": "1"}, "LOOP_END"),
+    ({"PARALLEL_LANES_START": "4"}, "NUM_LAYERS"),
+])
+def test_two_lane_decoder_refuses_what_it_cannot_run(env, words):
+    with pytest.raises(ConfigError, match=words):
+        make(env)
 
 
 def test_parallel_residual_gate_by_hand():

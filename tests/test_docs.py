@@ -45,7 +45,7 @@ def with_bos(B=2, T=24, seed=0, at=(0, 7, 15)) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("features", ["all", "recurrence_layer", "attn_res", "gated_attn", "gated_attn_sparse",
-                                      "smear_window"])
+                                      "smear_window", "parallel_lanes"])
 def test_no_token_moves_a_later_documents_logits(features):
     """Documents at 0..6, 7..14, 15..23: changing any token of an earlier document (each position
     in turn) leaves every logit of the later ones bit-identical; without DOC_ISOLATION they move."""
