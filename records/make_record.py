@@ -26,7 +26,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from significance import UsageError, mean_std, read_run  # noqa: E402
+from train_gpt import without_docs  # noqa: E402  (what the packed copy holds)
 
 ROOT = Path(__file__).resolve().parents[1]
 DUMP_LINE = re.compile(r"^  ([A-Z][A-Z0-9_]*)=(.*)  \((default|env|preset [\w-]+)\)$")
@@ -100,8 +102,11 @@ def shipped_code(run: dict) -> tuple[bytes, str | None]:
         raise UsageError(f"{run['dir']}: SELF_EXTRACT=1 but train_gpt_packed.py is missing")
     code = packed.read_bytes()
     m = PACKED_SOURCE.search(code.decode("ascii", errors="replace"))
-    if not m or lzma.decompress(base64.b85decode(m.group(1))).decode("utf-8") != run["source"]:
-        raise UsageError(f"{packed} does not unpack to the source in {run['log']}")
+    # the packed copy holds the logged source without docstrings and comments: compare syntax trees
+    same = m and ast.dump(ast.parse(without_docs(lzma.decompress(base64.b85decode(m.group(1))).decode("utf-8")))) \
+        == ast.dump(ast.parse(without_docs(run["source"])))
+    if not same:
+        raise UsageError(f"{packed} does not unpack to the code of the source in {run['log']}")
     return code, run["source"]
 
 

@@ -129,6 +129,25 @@ def test_make_record_from_two_seeds(two_seeds, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # neither the old nor a temporary folder
 
 
+def test_make_record_refuses_a_packed_copy_of_other_code(two_seeds, tmp_path, capsys):
+    """The packed copy must hold the logged source's code (docstrings and comments may differ, a
+    statement may not)."""
+    import base64
+    import lzma
+
+    other = tmp_path / "other"
+    shutil.copytree(two_seeds[0], other)
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    for text, ok in ((source.replace('"""', '"""Another docstring. ', 1), True),
+                     (source.replace("BOS_ID = 1", "BOS_ID = 2", 1), False)):
+        blob = base64.b85encode(lzma.compress(text.encode("utf-8"))).decode("ascii")
+        packed = (two_seeds[0] / "train_gpt_packed.py").read_text()
+        (other / "train_gpt_packed.py").write_text(make_record.PACKED_SOURCE.sub(f'b85decode("{blob}")', packed, 1))
+        out = tmp_path / f"rec{ok}"
+        assert (make_record.main([str(other), "--out", str(out)]) == 0) == ok
+        assert ok or "does not unpack to the code of the source" in capsys.readouterr().err
+
+
 def test_make_record_refuses_mismatched_runs(two_seeds, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(two_seeds[1], other)
