@@ -39,6 +39,7 @@ import datetime
 import difflib
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -374,7 +375,7 @@ class Hyperparameters:
         return self.checked({**dataclasses.asdict(self), **values}, sources, self.warnings)
 
     def validate(self) -> None:
-        """Checks between variables (the per-variable checks ran in from_env)."""
+        """Checks between variables (each variable's own type and range were checked by checked())."""
         if self.model_dim % self.num_heads:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -404,6 +405,22 @@ class Hyperparameters:
         if self.gptq_reserve_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds > 0:
             raise ConfigError(f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds:g} leaves no training time under "
                               f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g}")
+        # A variable set in the environment that this configuration never reads is an error, not a
+        # setting silently ignored: (the condition under which it is read, what to set instead).
+        needs = {"lqer_rank": (self.lqer_top_k > 0, "LQER_TOP_K > 0"),
+                 "lqer_group": (self.lqer_top_k > 0, "LQER_TOP_K > 0"),
+                 "mlp_clip_sigmas": (self.matrix_clip == "sdclip", "MATRIX_CLIP=sdclip"),
+                 "attn_clip_sigmas": (self.matrix_clip == "sdclip", "MATRIX_CLIP=sdclip"),
+                 "ttt_freeze_matrices": (self.ttt_freeze_blocks > 0, "TTT_FREEZE_BLOCKS > 0"),
+                 "smear_mode": (self.smear_gate, "SMEAR_GATE=1")}
+        for name, (read, condition) in needs.items():
+            if not read and self.sources.get(name) == "env":
+                raise ConfigError(f"{name.upper()} is set, but only {condition} reads it: set that too, or unset "
+                                  f"{name.upper()}")
+        package = {"zstd": "zstandard", "brotli": "brotli"}.get(self.compressor)
+        if package and importlib.util.find_spec(package) is None:  # found now, not when the artifact is packed
+            raise ConfigError(f"COMPRESSOR={self.compressor} needs the {package} package: "
+                              "pip install -r requirements.txt")
         if self.eval_only and not self.artifact:
             raise ConfigError("EVAL_ONLY=1 needs ARTIFACT=path/to/model.ptz")
         if self.attn_res and self.num_loops:
@@ -537,8 +554,8 @@ SP8192 = dict(data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./d
 # partial RoPE 16, LN scale, orthogonal init, gradient clip 0.3, Muon momentum 0.92 -> 0.99 over
 # 1500 steps, sliding stride 64, TTT SGD momentum 0.9 with clip 1.0 (pr1658 scores without TTT).
 # Choice: every seed preset ships the self-extracting copy of this script (its code without docstrings
-# and comments, compressed: about a quarter of the file); the records counted their own plain source
-# (50-115 KB).
+# and comments, lzma-compressed: about a quarter of the file's bytes); the records counted their own
+# plain source (50-115 KB).
 SEED_COMMON = dict(
     num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, train_seq_len=2048, eval_seq_len=2048,
     train_batch_tokens=786432, max_wallclock_seconds=600.0, rope_dims=16, ln_scale=True, ortho_init=True,
@@ -1224,9 +1241,10 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 # normalised input embedding x0, U-Net skips, tied embeddings and a tanh logit softcap. Every
 # feature of the seed systems is switchable (variables in section 2): partial RoPE, LN scale, XSA,
 # gated attention, value residual, value embeddings, SmearGate, BigramHash, leaky2 MLP, gated skips,
-# depth recurrence, parallel residuals, block attention residuals, OrthoInit. Weights stay float32;
-# matrix products run in bf16 under autocast. Every feature keeps the model causal, and nothing
-# crosses a BOS that would carry one document into the next. PARAMETER_ROLES at the end of the
+# depth recurrence, parallel residuals, the two-lane decoder, block attention residuals, OrthoInit,
+# document isolation. Weights stay float32; matrix products run in bf16 under autocast. Every
+# feature keeps the model causal; SmearGate and BigramHash never carry a token across a BOS, and
+# with DOC_ISOLATION attention does not either. PARAMETER_ROLES at the end of the
 # section says, for every parameter, its optimiser group and how the artifact stores it.
 # =================================================================================================
 
@@ -1681,7 +1699,7 @@ class GPT(nn.Module):
                 lanes = (x, x)  # the two-lane decoder starts: both lanes from the stream
             if lanes is not None:  # one layer per unit here (validated): the skip joins lane 0
                 layer, lane0 = unit[0], self.merge_skip(lanes[0], skips.pop(), j) if 0 <= j < n_skip else lanes[0]
-                ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
+                ve_i = self.layer_ve(ve, layer)
                 *lanes, v = self.blocks[layer].lanes(lane0, lanes[1], x0, cos, sin, self.lane_resid[layer],
                                                      self.lane_post[layer], v0 if layer > 0 else None, ve_i, segments)
                 v0 = v if v0 is None else v0
@@ -1691,7 +1709,7 @@ class GPT(nn.Module):
             if sources is not None and unit[0] >= self.attn_res_first:  # x0 and at least one boundary
                 x = self.route(x, sources, unit[0])
             for p, layer in enumerate(unit):
-                ve_i = ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
+                ve_i = self.layer_ve(ve, layer)
                 # layer 0 makes v0 and never mixes it in, also when the recurrence runs it again
                 y, v = self.blocks[layer](x, x0, cos, sin, v0 if layer > 0 else None, ve_i, segments)
                 # a layer's extra pass in place is blended in by its gate: x + g * (pass - x)
@@ -1704,6 +1722,10 @@ class GPT(nn.Module):
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
+
+    def layer_ve(self, ve: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+        """The value embedding a physical layer adds to its values: None outside VE_LAYERS."""
+        return ve * self.ve_layer_scales[self.ve_layers.index(layer)] if layer in self.ve_layers else None
 
     def merge_skip(self, x: torch.Tensor, skip: torch.Tensor, j: int) -> torch.Tensor:
         """U-Net skip j into the decoder's stream: x + w * skip, or with the gate g = sigmoid(gate_j),
@@ -2764,18 +2786,25 @@ def pack_artifact(qstate: dict, meta: dict, compressor: str, level: int, shuffle
 
 
 def pack_within_cap(qstate: dict, meta: dict, args: Hyperparameters, code_bytes: int, log=None) -> bytes:
-    """The artifact with COMPRESSOR; if it and the code exceed the cap, the other compressors at
-    their maximum level in turn (the header names the one used), the first that fits, else the
-    smallest. On weights rounded to a fixed grid (the sp1024 records' scale floor) zstd's output
-    size jumps by several percent with small changes of its input, and brotli-11 packs ~5% smaller:
-    a run should not be lost to that."""
+    """The artifact with COMPRESSOR at COMPRESS_LEVEL; if it and the code exceed the cap, brotli,
+    lzma and zstd at their maximum level in turn (COMPRESSOR too, unless it ran at its maximum
+    already; the header names the one used), the first that fits, else the smallest. On weights
+    rounded to a fixed grid (the sp1024 records' scale floor) zstd's output size jumps by several
+    percent with small changes of its input, and brotli-11 packs ~5% smaller: a run should not be
+    lost to that. A compressor whose package is not installed is skipped, never a crash after
+    training."""
     blob = pack_artifact(qstate, meta, args.compressor, args.compress_level, args.byte_shuffle)
     for other in ("brotli", "lzma", "zstd"):
         if len(blob) + code_bytes <= CAP_BYTES:
             break
-        if other == args.compressor:
+        if other == args.compressor and args.compress_level == -1:
             continue
-        candidate = pack_artifact(qstate, meta, other, -1, args.byte_shuffle)
+        try:
+            candidate = pack_artifact(qstate, meta, other, -1, args.byte_shuffle)
+        except ImportError as e:
+            if log:
+                log(f"artifact: over the cap; {other} skipped ({e})")
+            continue
         if log:
             log(f"artifact: {len(blob) + code_bytes} bytes with the code, over the cap; {other}: "
                 f"{len(candidate) + code_bytes}")

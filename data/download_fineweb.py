@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_gpt import DataError, read_shard_header  # noqa: E402  (one definition of the format)
+from train_gpt import DataError, read_shard_header, sidecar_path  # noqa: E402  (one definition of the format)
 
 DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf",
                  "caseops": "romeerp/parameter-golf-caseops-v1"}
@@ -61,10 +61,6 @@ def dataset_name(variant: str) -> str:
     return f"fineweb10B_{variant}"
 
 
-def sidecar_name(val_shard: str) -> str:
-    return val_shard.replace("fineweb_val_", "fineweb_val_bytes_", 1)
-
-
 def check_caseops_manifest(n_train: int) -> None:
     if n_train == LEAKY_TRAIN_SHARDS:
         raise DownloadError(f"{CASEOPS_DATASET} lists {n_train} training shards: that is the build whose training "
@@ -80,7 +76,7 @@ def check_caseops_validation(val_shards: list[Path]) -> None:
     total = 0
     for shard in val_shards:
         n = read_shard_header(shard)
-        side = shard.with_name(sidecar_name(shard.name))
+        side = Path(sidecar_path(str(shard)))
         if read_shard_header(side) != n:
             raise DownloadError(f"{side} holds {read_shard_header(side)} byte counts for the {n} tokens of "
                                 f"{shard.name}: they must align 1:1")
@@ -145,7 +141,7 @@ def plan(manifest: dict, variant: str, train_shards: int, prefix: str, out: Path
     pre = f"{prefix}/" if prefix else ""
     val = [f"fineweb_val_{i:06d}.bin" for i in range(n_val)]
     if variant == "caseops":
-        val = [f for shard in val for f in (shard, sidecar_name(shard))]
+        val = [f for shard in val for f in (shard, sidecar_path(shard))]
     items = [(f"{pre}datasets/{name}/{f}", out / "datasets" / name / f, "val") for f in val]
     for key in ("model_path", "vocab_path"):
         if tok.get(key):

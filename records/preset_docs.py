@@ -69,7 +69,7 @@ FEATURES = [
     ("model", "LN scale 1/sqrt(i+1)", lambda v: on(v.ln_scale)),
     ("model", "QK gain init", lambda v: f"{v.qk_gain_init:g}"),
     ("model", "XSA", lambda v: "all" if v.xsa_last_n >= v.num_layers else (f"last {v.xsa_last_n}" if v.xsa_last_n else "-")),
-    ("model", "gated attention", lambda v: {"0": "-", "1": "from input", "headwise": "headwise"}[v.gated_attn]),
+    ("model", "gated attention", lambda v: {"0": "-", "1": "from input", "headwise": "headwise", "sparse": "sparse"}[v.gated_attn]),
     ("model", "value residual", lambda v: on(v.value_residual)),
     ("model", "value embeddings", lambda v: f"{v.ve_dim} on {v.ve_layers}" if v.ve_enabled else "-"),
     ("model", "SmearGate", lambda v: on(v.smear_gate)),

@@ -39,6 +39,9 @@ FEATURES = {
 }
 # Every feature at once, but one gate form, one recurrence form and no routing (which needs
 # physical layers: ATTN_RES with recurrence is refused).
+# The variable that turns a feature on, where its entry above also sets the context it works in.
+FEATURE_SWITCH = {"parallel_residual_gate": "PARALLEL_RESIDUAL_GATE", "gated_attn_headwise": "GATED_ATTN",
+                  "gated_attn_sparse": "GATED_ATTN"}
 NOT_IN_ALL = ("gated_attn", "gated_attn_sparse", "smear_window", "recurrence_layer", "attn_res", "parallel_lanes")
 ALL = {k: v for name, (env, _) in FEATURES.items() if name not in NOT_IN_ALL for k, v in env.items()}
 ALL_EXTRA = sum(extra for name, (_, extra) in FEATURES.items() if name not in NOT_IN_ALL + ("skip_gates",)) + 4 * d
@@ -91,8 +94,9 @@ def test_feature_changes_the_output(name):
         off = make(FEATURES[name][0]).eval()
         off.load_state_dict(on.state_dict())
         off.looping = False
-    else:
-        off = make({}).eval()
+    else:  # the feature's setting alone removed: what it needs (parallel blocks, XSA, ...) stays
+        kept = {k: v for k, v in FEATURES[name][0].items() if name in FEATURE_SWITCH and k != FEATURE_SWITCH[name]}
+        off = make(kept).eval()
         shapes = {k: v.shape for k, v in off.state_dict().items()}  # c_q without the headwise gate rows
         off.load_state_dict({k: v[:shapes[k][0]] for k, v in on.state_dict().items() if k in shapes}, strict=False)
     x = tokens()
@@ -434,13 +438,13 @@ def test_parallel_residual_gate_by_hand():
 def test_attention_residual_routing_by_hand():
     """ATTN_RES_BLOCKS=2 on 4 layers: blocks of 2, sources = the embedding and layer 1's output, routing
     only in layers 2 and 3, logits q . rmsnorm(source) / (sqrt(d) * temp)."""
-    model = randomize(make({"ATTN_RES": "1", "ATTN_RES_BLOCKS": "2", "ATTN_RES_TEMP": "0.7",
+    model = randomize(make({"ATTN_RES": "1", "ATTN_RES_BLOCKS": "2", "ATTN_RES_TEMP": "0.6",
                             "ATTN_RES_MIX": "0.3"})).eval()
     assert model.attn_res_first == 2 and model.attn_res_q.shape == (2, d)
     g = torch.Generator().manual_seed(5)
     x, s0, s1 = (torch.randn(2, 5, d, generator=g) for _ in range(3))
     q = model.attn_res_q[1]  # layer 3's query
-    logits = torch.stack([(torch.nn.functional.rms_norm(s, (d,)) * q).sum(-1) for s in (s0, s1)], -1) / (d ** 0.5 * 0.7)
+    logits = torch.stack([(torch.nn.functional.rms_norm(s, (d,)) * q).sum(-1) for s in (s0, s1)], -1) / (d ** 0.5 * 0.6)
     w = torch.softmax(logits, -1)
     expected = 0.7 * x + 0.3 * (w[..., :1] * s0 + w[..., 1:] * s1)
     with torch.no_grad():

@@ -46,6 +46,10 @@ def test_dump_lists_every_knob_with_its_source():
     ({"SIZE_CHECK_TAIL": "2"}, ["SIZE_CHECK_TAIL", "degrees of freedom"]),
     ({"EMBED_BITS": "12"}, ["EMBED_BITS", "16"]),
     ({"GPTQ_DAMP": "0"}, ["GPTQ_DAMP", "out of range"]),
+    ({"LQER_RANK": "8"}, ["LQER_RANK", "LQER_TOP_K > 0"]),
+    ({"PRESET": "pr754", "MLP_CLIP_SIGMAS": "11.5"}, ["MLP_CLIP_SIGMAS", "MATRIX_CLIP=sdclip"]),
+    ({"TTT_FREEZE_MATRICES": "0"}, ["TTT_FREEZE_MATRICES", "TTT_FREEZE_BLOCKS > 0"]),
+    ({"SMEAR_MODE": "window"}, ["SMEAR_MODE", "SMEAR_GATE=1"]),
 ])
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(ConfigError) as e:
@@ -73,3 +77,13 @@ def test_bad_variable_on_the_command_line_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: NUM_LAYERS='eleven' is not an integer (accepted: 1 to 64)"]
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_compressor_without_its_package_is_refused_at_start(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "brotli" else real(name, *a))
+    with pytest.raises(ConfigError, match="COMPRESSOR=brotli needs the brotli package"):
+        Hyperparameters.from_env({"PRESET": "pr2005"})
+    assert Hyperparameters.from_env({"PRESET": "pr2005", "COMPRESSOR": "lzma"}).compressor == "lzma"

@@ -250,6 +250,7 @@ def test_late_qat_trains_against_the_artifacts_grid(bits, clip):
         if isinstance(m, QATLinear) and m.qat is not None:
             seen.add(f"{name}.weight")
             assert torch.equal(fake_quantize(m.weight, m.qat), stored[f"{name}.weight"]), name
+            assert not torch.equal(stored[f"{name}.weight"], m.weight), name  # rounding changed something
             x = torch.randn(3, m.in_features)
             torch.testing.assert_close(m(x), x @ stored[f"{name}.weight"].T, rtol=0, atol=1e-5)
     assert seen == quantised - {"tok_emb.weight"} and "bigram.proj.weight" in seen  # the embedding is no QATLinear

@@ -109,7 +109,7 @@ def test_frontier_architecture_has_pr1855s_parameter_count():
     """PR #1855's model (its logged settings: pr2005's shape and recurrence with the sparse attention
     gate instead of the headwise one, the window SmearGate and two lanes from layer 8 instead of
     parallel residuals from 7) has the 35,945,671 parameters its log reports: 35,989,592 - 45,056
-    headwise rows + 1,056 sparse gate + 13 SmearGate + 66 lane scalars. The pr1855 preset comes with
+    headwise rows + 1,056 sparse gate + 13 SmearGate + 66 lane scalars. A pr1855 preset waits for
     the compression that makes its artifact fit."""
     env = {"PRESET": "pr2005", "GATED_ATTN": "sparse", "GATE_WINDOW": "12", "SPARSE_GATE_SCALE": "0.5",
            "SMEAR_GATE": "1", "SMEAR_MODE": "window", "PARALLEL_RESIDUAL_START": "-1", "PARALLEL_LANES_START": "8"}

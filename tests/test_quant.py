@@ -394,6 +394,7 @@ def test_lqer_storage_by_hand(group):
     packed = pack_lqer(A, B, group)
     a, a_scale, b, b_scale = packed["lqer_a"], packed["lqer_a_scale"], packed["lqer_b"], packed["lqer_b_scale"]
     assert a.dtype == b.dtype == torch.int8 and a.min() >= -2 and a.max() <= 1 and b.min() >= -8 and b.max() <= 7
+    assert torch.equal(a.float(), torch.clamp(torch.round(A / (A.abs().max() / 1.5).half().float()), -2, 1))
     group = math.gcd(group, 512)
     assert a_scale.dtype == b_scale.dtype == torch.float16 and b_scale.numel() == 512 // group
     assert a_scale.item() == pytest.approx(A.abs().max().item() / 1.5, rel=1e-3)
@@ -452,9 +453,28 @@ def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
     blob = train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)
     assert len(blob) == min(sizes.values()) and len(lines) == 3
     monkeypatch.setattr(train_gpt, "CAP_BYTES", sizes["brotli"])  # brotli fits: the search stops there
+    lines.clear()
     assert COMPRESSORS[train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)[5]] == "brotli"
+    assert len(lines) == 1  # only brotli was tried
     monkeypatch.setattr(train_gpt, "CAP_BYTES", 10 ** 9)  # zlib fits: nothing else is tried
     lines.clear()
     assert len(train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)) == sizes["zlib"] and not lines
     _, q2 = unpack_artifact(blob)
     assert all(torch.equal(q2["q"][n], qstate["q"][n]) for n in qstate["q"])
+    # COMPRESSOR below its maximum level is tried again at its maximum; a missing package is skipped
+    monkeypatch.setattr(train_gpt, "CAP_BYTES", 10)
+    lines.clear()
+    train_gpt.pack_within_cap(qstate, {}, args.replace("test", compressor="zstd", compress_level=1), 0, lines.append)
+    assert [line.split("; ")[1].split(":")[0] for line in lines] == ["brotli", "lzma", "zstd"]
+    real = train_gpt.compress
+
+    def no_brotli(data, name, level):
+        if name == "brotli":
+            raise ImportError("No module named 'brotli'")
+        return real(data, name, level)
+
+    monkeypatch.setattr(train_gpt, "compress", no_brotli)
+    lines.clear()
+    blob = train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)
+    assert "brotli skipped (No module named 'brotli')" in lines[0] and len(blob) == min(sizes["lzma"], sizes["zstd"],
+                                                                                        sizes["zlib"])
