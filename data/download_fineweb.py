@@ -23,8 +23,8 @@ overrides. `--endpoint` (or HF_ENDPOINT) points at another hub, e.g. a mirror or
 `--variant caseops` is the CaseOps export the final leaderboard trained on (romeerp/parameter-golf-
 caseops-v1: sp8192 tokens of the case-transformed text, data/caseops.py), with a byte sidecar
 fineweb_val_bytes_NNNNNN.bin beside each validation shard. Only the canonical build is accepted: 80
-training shards, and 47,851,520 validation tokens (the first 50,000 documents) with a sidecar of the
-same length. A build with 1,499 training shards put most validation documents into training
+training shards, and the first 50,000 documents for validation (the records scored 47,851,520 of
+its tokens, whole 2048-token windows) with a sidecar of the same length. A build with 1,499 training shards put most validation documents into training
 (challenge issue #2127) and is refused before anything large is downloaded.
 """
 
@@ -44,7 +44,11 @@ DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/pa
 FALLBACK_REPO = "willdepueoai/parameter-golf"
 CASEOPS_DATASET = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
 CASEOPS_TRAIN_SHARDS = 80
-CASEOPS_VAL_TOKENS = 47_851_520
+# The records score (tokens - 1) // 2048 * 2048 = 47,851,520 targets of the validation set (their
+# logs' val_tokens), so its shards hold between 47,851,521 and 47,853,568 tokens (47,853,343 is
+# quoted for the export); a truncated set holds millions fewer.
+CASEOPS_VAL_TARGETS = 47_851_520
+CASEOPS_VAL_WINDOW = 2048
 LEAKY_TRAIN_SHARDS = 1499
 
 
@@ -72,7 +76,8 @@ def check_caseops_manifest(n_train: int) -> None:
 
 
 def check_caseops_validation(val_shards: list[Path]) -> None:
-    """47,851,520 validation tokens in all, each shard with a sidecar of its own length."""
+    """The validation tokens the records scored (CASEOPS_VAL_TARGETS in whole windows), each shard with
+    a sidecar of its own length."""
     total = 0
     for shard in val_shards:
         n = read_shard_header(shard)
@@ -81,10 +86,11 @@ def check_caseops_validation(val_shards: list[Path]) -> None:
             raise DownloadError(f"{side} holds {read_shard_header(side)} byte counts for the {n} tokens of "
                                 f"{shard.name}: they must align 1:1")
         total += n
-    if total != CASEOPS_VAL_TOKENS:
-        raise DownloadError(f"{CASEOPS_DATASET} has {total:,} validation tokens, the canonical export "
-                            f"{CASEOPS_VAL_TOKENS:,} (50,000 documents): a truncated or re-split validation set "
-                            "scores a different text")
+    if (total - 1) // CASEOPS_VAL_WINDOW * CASEOPS_VAL_WINDOW != CASEOPS_VAL_TARGETS:
+        raise DownloadError(f"{CASEOPS_DATASET} has {total:,} validation tokens; the canonical export has "
+                            f"{CASEOPS_VAL_TARGETS + 1:,} to {CASEOPS_VAL_TARGETS + CASEOPS_VAL_WINDOW:,} (50,000 "
+                            f"documents, {CASEOPS_VAL_TARGETS:,} scored in {CASEOPS_VAL_WINDOW}-token windows): a "
+                            "truncated or re-split validation set scores a different text")
 
 
 class Hub:

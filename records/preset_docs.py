@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from train_gpt import PRESETS, Hyperparameters, atomic_write_text  # noqa: E402
 
-COLUMNS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754", "baseline")
+COLUMNS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754", "pr1855", "baseline")
 
 
 def on(flag, text="yes"):
@@ -43,6 +43,9 @@ def clip(rule, k):
 
 def quant(v):
     matrices = f"int{v.matrix_bits} {clip(v.matrix_clip, v.matrix_clip_sigmas)}"
+    if v.matrix_clip == "sdclip" and (v.mlp_clip_sigmas or v.attn_clip_sigmas):
+        k = v.matrix_clip_sigmas
+        matrices = f"int{v.matrix_bits} SDClip MLP {v.mlp_clip_sigmas or k:g}, attn {v.attn_clip_sigmas or k:g}"
     embed = "bf16" if v.embed_bits == 16 else f"int{v.embed_bits} {clip(v.embed_clip, v.embed_clip_sigmas)}"
     gptq = "" if not v.gptq else (" + GPTQ" if v.gptq_embed else " + GPTQ (matrices)")
     floor = ", floor 1/qmax" if v.quant_scale_floor else ""
@@ -62,6 +65,7 @@ def ttt(v):
 FEATURES = [
     ("data", "tokenizer", lambda v: f"sp{v.vocab_size}"),
     ("data", "training loader", lambda v: v.train_loader),
+    ("data", "documents isolated (BOS)", lambda v: on(v.doc_isolation)),
     ("model", "layers x width, heads/kv", lambda v: f"{v.num_layers}x{v.model_dim}, {v.num_heads}/{v.num_kv_heads}"),
     ("model", "MLP", lambda v: f"{v.mlp_mult}x {v.mlp_act}"),
     ("model", "partial RoPE, base", lambda v: (f"{v.rope_dims}/{v.model_dim // v.num_heads}" if v.rope_dims else "all")
@@ -72,31 +76,37 @@ FEATURES = [
     ("model", "gated attention", lambda v: {"0": "-", "1": "from input", "headwise": "headwise", "sparse": "sparse"}[v.gated_attn]),
     ("model", "value residual", lambda v: on(v.value_residual)),
     ("model", "value embeddings", lambda v: f"{v.ve_dim} on {v.ve_layers}" if v.ve_enabled else "-"),
-    ("model", "SmearGate", lambda v: on(v.smear_gate)),
+    ("model", "SmearGate", lambda v: on(v.smear_gate, v.smear_mode)),
     ("model", "BigramHash", lambda v: f"{v.bigram_vocab_size}x{v.bigram_dim}" if v.bigram_vocab_size else "-"),
     ("model", "U-Net skips", lambda v: ("gated" if v.skip_gates else "yes") if v.unet_skips else "-"),
     ("model", "depth recurrence", loops),
     ("model", "parallel residuals", lambda v: (f"from {v.parallel_residual_start}" + (", gated" if v.parallel_residual_gate
                                                                                        else ""))
      if v.parallel_residual_start >= 0 else "-"),
+    ("model", "two-lane decoder", lambda v: f"from {v.parallel_lanes_start}" if v.parallel_lanes_start >= 0 else "-"),
     ("model", "block attention residuals", lambda v: on(v.attn_res, f"{v.attn_res_blocks} blocks, "
                                                              f"{v.attn_res_mix:g}, {v.attn_res_temp:g}")),
     ("model", "OrthoInit", lambda v: on(v.ortho_init)),
     ("training", "Muon lr / wd", lambda v: f"{v.matrix_lr:g} / {v.muon_wd:g}"),
     ("training", "Muon normalisation", lambda v: "rows (MuonEq-R)" if v.muon_row_normalize
      else ("gradient" if v.muon_grad_normalize else "-")),
+    ("training", "Newton-Schulz", lambda v: f"{v.muon_backend_steps} steps, " + ("Polar Express" if v.muon_polar
+                                                                                 else "fixed quintic")),
     ("training", "Parallel Muon (banks)", lambda v: on(v.parallel_muon)),
     ("training", "momentum", lambda v: f"{v.muon_momentum_warmup_start:g}->{v.muon_momentum:g} / {v.muon_momentum_warmup_steps}"),
     ("training", "AdamW wd (scalars / emb)", lambda v: f"{v.adam_wd:g} / {v.embed_wd:g}"),
     ("training", "gradient clip", lambda v: f"{v.grad_clip_norm:g}" + (" per share" if v.grad_clip_scope == "share" else "")
      if v.grad_clip_norm else "-"),
-    ("training", "warm-down", warmdown),
+    ("training", "warm-down", lambda v: warmdown(v) + (f", floor {v.min_lr:g}" if v.min_lr else "")),
     ("training", "time cap / steps", lambda v: f"{v.max_wallclock_seconds:g} s" if v.max_wallclock_seconds else f"{v.iterations} steps"),
     ("training", "EMA", lambda v: f"{v.ema_decay:g}" if v.ema_decay else "-"),
     ("training", "SWA", lambda v: f"every {v.swa_every} below {v.swa_start_scale:g}"
      + (", mean with EMA" if v.ema_decay else "") if v.swa_every else "-"),
     ("training", "late QAT", lambda v: f"below {v.late_qat_threshold:g}" if v.late_qat_threshold else "-"),
     ("artifact", "quantisation", quant),
+    ("artifact", "LQER", lambda v: f"top {v.lqer_top_k}, rank {v.lqer_rank}" if v.lqer_top_k else "-"),
+    ("artifact", "integers grouped by role", lambda v: on(v.pack_groups, "yes" + (
+        f", {len(v.pack_sorted_roles.split(','))} row-sorted" if v.pack_sorted_roles else ""))),
     ("artifact", "compressor", lambda v: v.compressor + (f"-{v.compress_level}" if v.compress_level >= 0 else "")
      + (" + shuffle" if v.byte_shuffle else "")),
     ("artifact", "control tensors", lambda v: "fp32" if v.control_fp32 else "fp16"),

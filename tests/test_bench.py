@@ -1,5 +1,5 @@
 """The benchmarks in tests/bench run end to end at tiny sizes, so none of them can rot: training
-throughput, equal-time quality, evaluation throughput, and the GPU benchmark and the skip-merge A/B
+throughput, equal-time quality, evaluation throughput, the packings of the artifact, and the GPU benchmark and the skip-merge A/B
 in their CPU dry modes. (The artifact benchmark's quick mode is run by test_quant.py.) Their numbers
 are not checked here: performance claims come from full runs, committed under tests/bench/results/."""
 
@@ -40,6 +40,16 @@ def test_eval_bench_quick(tmp_path):
     run_bench("eval_bench.py", "--quick", "--out", str(out))
     doc = json.loads(out.read_text())
     assert doc["sliding_tokens_per_s"] > 0 and doc["ttt_tokens_per_s"] > 0
+
+
+def test_pack_bench_quick(tmp_path):
+    """Every packing is read back inside the benchmark; here: all five rows, and no packing below the
+    integers' order-0 entropy (the artifact holds them and more)."""
+    out = tmp_path / "pack.json"
+    run_bench("pack_bench.py", "--quick", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 and rows[0]["packing"].startswith("order-0 entropy")
+    assert all(r["bytes"] > rows[0]["bytes"] for r in rows[1:])
 
 
 def test_gpu_bench_dry_mode(tmp_path):

@@ -50,6 +50,8 @@ def test_dump_lists_every_knob_with_its_source():
     ({"PRESET": "pr754", "MLP_CLIP_SIGMAS": "11.5"}, ["MLP_CLIP_SIGMAS", "MATRIX_CLIP=sdclip"]),
     ({"TTT_FREEZE_MATRICES": "0"}, ["TTT_FREEZE_MATRICES", "TTT_FREEZE_BLOCKS > 0"]),
     ({"SMEAR_MODE": "window"}, ["SMEAR_MODE", "SMEAR_GATE=1"]),
+    ({"PACK_SORTED_ROLES": "mlp.fc.weight"}, ["PACK_SORTED_ROLES", "PACK_GROUPS=1"]),
+    ({"PACK_GROUPS": "1", "PACK_SORTED_ROLES": "mlp.fc.weight,mlp.fcc.weight"}, ["'mlp.fcc.weight'", "mlp.fc.weight"]),
 ])
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(ConfigError) as e:

@@ -173,13 +173,14 @@ def test_bad_requests_are_one_line(hub, tmp_path):
 
 
 CASEOPS = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
-STAND_IN_COUNTS = {"CASEOPS_TRAIN_SHARDS": 3, "CASEOPS_VAL_TOKENS": 777}  # the stand-in's canonical counts
+# The stand-in's canonical counts: 3 training shards, 777 validation tokens (768 targets in windows of 16).
+STAND_IN_COUNTS = {"CASEOPS_TRAIN_SHARDS": 3, "CASEOPS_VAL_TARGETS": 768, "CASEOPS_VAL_WINDOW": 16}
 
 
 @pytest.mark.parametrize("files_train, sidecar_len, patch, words", [
     (1499, 777, None, "challenge issue #2127"),  # the leaky build, refused from its manifest alone
     (79, 777, None, "the canonical export has 80"),
-    (80, 777, None, "777 validation tokens, the canonical export 47,851,520"),
+    (80, 777, None, "777 validation tokens; the canonical export has 47,851,521 to 47,853,568"),
     (3, 776, STAND_IN_COUNTS, "776 byte counts for the 777 tokens"),
 ])
 def test_caseops_refuses_anything_but_the_canonical_build(tmp_path, files_train, sidecar_len, patch, words):

@@ -19,8 +19,8 @@ from train_gpt import (ARTIFACT_HEADER, ARTIFACT_VERSION, COMPRESSORS, CPU_RUNTI
                        ArtifactError, DistributedTokenLoader, Hyperparameters, QuantSpec, architecture_of,
                        build_optimizers, byte_shuffle, byte_unshuffle, collect_hessians, dequantize_state_dict,
                        gptq_round, pack_artifact, quant_spec_for, quantize_rows, quantize_state_dict, row_quantiles,
-                       lqer_correction, lqer_factors, pack_lqer, shard_files, shipped_code, training_step,
-                       unpack_artifact, without_docs)
+                       lqer_correction, lqer_factors, nearest_neighbour_order, pack_lqer, shard_files,
+                       shipped_code, training_step, unpack_artifact, without_docs)
 
 CPU = CPU_RUNTIME_FOR_TESTS
 
@@ -318,7 +318,7 @@ def test_size_check_over_the_cap(monkeypatch, capsys):
                                      "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1"})
     assert train_gpt.run_size_check(args) == 1
     out = capsys.readouterr()
-    assert "OVER by" in out.out and out.err.count("over the cap") == 3
+    assert "OVER by" in out.out and out.err.count("over the cap") == 4
 
 
 def test_self_extracting_copy_runs_and_reproduces(tiny_data, tmp_path):
@@ -449,9 +449,9 @@ def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
     qstate = quantize_state_dict(GPT(args).state_dict(), args)
     sizes = {c: len(pack_artifact(qstate, {}, c, 1 if c == "zlib" else -1)) for c in COMPRESSORS}
     lines = []
-    monkeypatch.setattr(train_gpt, "CAP_BYTES", 10)  # nothing fits: the smallest of all four
+    monkeypatch.setattr(train_gpt, "CAP_BYTES", 10)  # nothing fits: the smallest of all five
     blob = train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)
-    assert len(blob) == min(sizes.values()) and len(lines) == 3
+    assert len(blob) == min(sizes.values()) and len(lines) == 4
     monkeypatch.setattr(train_gpt, "CAP_BYTES", sizes["brotli"])  # brotli fits: the search stops there
     lines.clear()
     assert COMPRESSORS[train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)[5]] == "brotli"
@@ -465,7 +465,7 @@ def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
     monkeypatch.setattr(train_gpt, "CAP_BYTES", 10)
     lines.clear()
     train_gpt.pack_within_cap(qstate, {}, args.replace("test", compressor="zstd", compress_level=1), 0, lines.append)
-    assert [line.split("; ")[1].split(":")[0] for line in lines] == ["brotli", "lzma", "zstd"]
+    assert [line.split("; ")[1].split(":")[0] for line in lines] == ["brotli", "lzma", "zstd", "zpaq"]
     real = train_gpt.compress
 
     def no_brotli(data, name, level):
@@ -476,5 +476,64 @@ def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
     monkeypatch.setattr(train_gpt, "compress", no_brotli)
     lines.clear()
     blob = train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)
-    assert "brotli skipped (No module named 'brotli')" in lines[0] and len(blob) == min(sizes["lzma"], sizes["zstd"],
-                                                                                        sizes["zlib"])
+    assert "brotli skipped (No module named 'brotli')" in lines[0]
+    assert len(blob) == min(sizes[c] for c in COMPRESSORS if c != "brotli")
+
+
+def test_nearest_neighbour_order_is_the_greedy_path():
+    """Against the path written out in plain Python: from row 0, the nearest unvisited row by L1,
+    the lowest index on a tie (small integers, so ties are common; 70 rows, so visited rows are
+    dropped several times on the way)."""
+    torch.manual_seed(0)
+    rows = torch.randint(-2, 3, (70, 6), dtype=torch.int8)
+    data = rows.tolist()
+    order, left = [0], set(range(1, len(data)))
+    while left:
+        cur = data[order[-1]]
+        best = min(left, key=lambda r: (sum(abs(a - b) for a, b in zip(data[r], cur)), r))
+        order.append(best)
+        left.remove(best)
+    assert nearest_neighbour_order(rows).tolist() == order
+
+
+def test_grouped_artifact_holds_each_role_column_by_column():
+    """PACK_GROUPS: one stream per role after the rest; a role's stream is, independently written
+    out with numpy, its layers' transposed integers (with PACK_SORTED_ROLES, each layer's row order
+    as uint16 first and its rows in that order); every compressor reads back exactly."""
+    import numpy as np
+
+    from train_gpt import COMPRESSORS, decompress, split_streams
+
+    args = scheme_args(6, "sdclip", 7)
+    torch.manual_seed(0)
+    model = GPT(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    qstate = quantize_state_dict(model.state_dict(), args)
+    q = qstate["q"]
+    for compressor in COMPRESSORS:
+        blob = pack_artifact(qstate, {"a": 1}, compressor, 1, True, True, ("mlp.fc.weight",))
+        meta, read = unpack_artifact(blob)
+        assert meta == {"a": 1}
+        assert all(torch.equal(read[s][n], qstate[s][n]) for s in qstate if s != "dtype" for n in qstate[s])
+        assert all(set(read[s]) == set(qstate[s]) for s in qstate if s != "dtype")
+    blob = pack_artifact(qstate, {"a": 1}, "zlib", 1, True, True, ("mlp.fc.weight",))
+    streams = [decompress(x, "zlib") for x in split_streams(blob[ARTIFACT_HEADER.size:])]
+    roles = ["tok_emb.weight", "mlp.fc.weight", "mlp.proj.weight"]  # the matrices over 65,536 values
+    assert set(q) == {"tok_emb.weight"} | {f"blocks.{i}.{r}" for i in range(2) for r in roles[1:]}
+    assert len(streams) == 1 + len(roles)
+    for role, raw in zip(roles, streams[1:]):
+        names = [role] if role == "tok_emb.weight" else [f"blocks.{i}.{role}" for i in range(2)]
+        mats = [q[n].numpy() for n in names]
+        orders = [np.asarray(nearest_neighbour_order(q[n])) for n in names] if role == "mlp.fc.weight" else []
+        expect = b"".join(o.astype(np.uint16).tobytes() for o in orders)
+        expect += b"".join(np.ascontiguousarray((m[o] if orders else m).T).tobytes()
+                           for m, o in zip(mats, orders or mats))
+        assert raw == expect, role
+    # a stream cut short, or one more stream than the index lists: one clear line
+    payload = blob[ARTIFACT_HEADER.size:]
+    for bad in (payload[:-5], payload[:4] + b"x" + payload[4:]):
+        head = ARTIFACT_HEADER.pack(b"PGLF", ARTIFACT_VERSION, 0, 3, len(bad), zlib.crc32(bad))
+        with pytest.raises(ArtifactError, match="cannot be decoded"):
+            unpack_artifact(head + bad)

@@ -97,11 +97,11 @@ def main() -> int:
     a = ap.parse_args()
     full = dict(PRESET="pr2005", VOCAB_SIZE="8192", NUM_LAYERS="11", MODEL_DIM="512", MLP_MULT="4", MATRIX_BITS="6",
                 MATRIX_CLIP="sdclip", EMBED_BITS="7", EMBED_CLIP_SIGMAS="15")
-    levels = dict(zlib=9, zstd=22, brotli=11, lzma=9)
+    levels = dict(zlib=9, zstd=22, brotli=11, lzma=9, zpaq=5)
     smoke = {}
     if a.quick:
         full.update(VOCAB_SIZE="1024", NUM_LAYERS="1", MODEL_DIM="256", NUM_LOOPS="0")
-        levels = dict(zlib=1, zstd=1, brotli=1, lzma=1)
+        levels = dict(zlib=1, zstd=1, brotli=1, lzma=1, zpaq=1)
         smoke = dict(NUM_LAYERS="1", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048",
                      NUM_LOOPS="0")
     print("compressors, full-size model" + (" (quick: tiny)" if a.quick else ""), flush=True)
