@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -2878,10 +2879,10 @@ def compress(data: bytes, name: str, level: int) -> bytes:
         import brotli
 
         return brotli.compress(data, quality=11 if level < 0 else min(level, 11))
-    if name == "zpaq":
+    if name == "zpaq":  # one thread: one block, the best ratio and the same bytes on every machine
         import zpaq
 
-        return zpaq.compress(data, level=5 if level < 0 else min(level, 5))
+        return zpaq.compress(data, level=5 if level < 0 else min(level, 5), threads=1)
     import lzma
 
     return lzma.compress(data, preset=9 if level < 0 else min(level, 9))
@@ -2919,8 +2920,9 @@ def pack_artifact(qstate: dict, meta: dict, compressor: str, level: int, shuffle
     layout, groups = group_rows(qstate["q"], sorted_roles) if grouped else ([], [])
     packed = {name for _, _, members in layout for name, _ in members}
     raw = serialize(qstate | {"q": {k: v for k, v in qstate["q"].items() if k not in packed}}, meta, layout)
-    streams = [compress(byte_shuffle(raw) if shuffle else raw, compressor, level)]
-    streams += [compress(g, compressor, level) for g in groups]
+    with ThreadPoolExecutor(min(1 + len(groups), os.cpu_count() or 1)) as pool:  # the compressors free the GIL
+        streams = list(pool.map(lambda x: compress(x, compressor, level), [byte_shuffle(raw) if shuffle else raw,
+                                                                           *groups]))
     payload = streams[0] if not grouped else \
         STREAM_COUNT.pack(len(streams)) + b"".join(STREAM_COUNT.pack(len(x)) for x in streams) + b"".join(streams)
     flags = (FLAG_BYTE_SHUFFLE if shuffle else 0) | (FLAG_GROUPED if grouped else 0)
@@ -2990,7 +2992,8 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
         raise ArtifactError(f"{source} is corrupt: CRC32 mismatch")
     try:
         streams = split_streams(payload) if flags & FLAG_GROUPED else [payload]
-        raw, *groups = (decompress(x, COMPRESSORS[comp]) for x in streams)
+        with ThreadPoolExecutor(min(len(streams), os.cpu_count() or 1)) as pool:
+            raw, *groups = pool.map(lambda x: decompress(x, COMPRESSORS[comp]), streams)
         return deserialize(byte_unshuffle(raw) if flags & FLAG_BYTE_SHUFFLE else raw, groups)
     except Exception as e:  # a CRC collision or a writer bug: still one line
         raise ArtifactError(f"{source} cannot be decoded: {type(e).__name__}: {e}") from None
