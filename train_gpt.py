@@ -87,6 +87,10 @@ class ArtifactError(UserError):
     """An artifact file is truncated, corrupt, foreign or of another version."""
 
 
+class TrainingDiverged(UserError):
+    """The training loss went non-finite: the run stops before it writes an artifact."""
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
     A run stopped at any moment leaves either the old file or the new one, never half of one."""
@@ -3321,6 +3325,19 @@ def log_validation(model: GPT, val: ValidationSet, ctx: Context, step: int, elap
     return result
 
 
+def divergence_message(step: int, loss: torch.Tensor, mult: float, args: Hyperparameters) -> str:
+    """One line: where the loss went non-finite, the learning rates in force, what to try."""
+    names = ["matrix_lr", "scalar_lr", "tied_embed_lr" if args.tie_embeddings else "embed_lr"]
+    rates = ", ".join(f"{n.upper()}={getattr(args, n):g} x {mult:.3g}" for n in names)
+    preset = PRESETS.get(args.preset, {})
+    mine = [n for n in names if args.sources.get(n) == "env" and n in preset]
+    advice = (f"lower {', '.join(n.upper() for n in mine)} towards PRESET={args.preset}'s "
+              f"{', '.join(f'{preset[n]:g}' for n in mine)}" if mine else "lower the learning rates")
+    return (f"training diverged at step {step}: train_loss {loss.float().mean().item()} (non-finite on at least one "
+            f"rank), learning rates in force {rates}; stopped before writing an artifact or submission.json. Try: {advice}, "
+            f"clip gradients (GRAD_CLIP_NORM=0.3), or warm up (WARMUP_STEPS)")
+
+
 def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: ValidationSet) -> TrainResult:
     args, rt, log = ctx.args, ctx.rt, ctx.log
     accum, local = batch_split(ctx)
@@ -3343,7 +3360,7 @@ def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: Validation
     swa = SWA() if args.swa_every else None
     train_s, step, stopped_early = 0.0, 0, False
     elapsed_s, last_step_s = 0.0, 0.0  # training seconds agreed by all ranks, duration of the last step
-    elapsed = torch.zeros((), dtype=torch.float64, device=rt.device)
+    status = torch.zeros(2, dtype=torch.float64, device=rt.device)  # [training seconds, loss not finite]
     rt.sync()
     t0 = time.perf_counter()
     while step < args.iterations and not stopped_early:
@@ -3365,10 +3382,14 @@ def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: Validation
         if swa is not None and step % args.swa_every == 0 and mult < args.swa_start_scale:
             swa.add(list(raw.parameters()))
         # One all-reduce (MAX) gives every rank the same clock: the same learning rates and the
-        # same stop step everywhere.
-        elapsed.fill_(train_s + time.perf_counter() - t0)
-        now_s = rt.all_reduce(elapsed, dist.ReduceOp.MAX if rt.distributed else None).item()
+        # same stop step everywhere. It carries whether any rank's loss went non-finite, set on
+        # the device, so that check costs no synchronisation of its own.
+        status[0] = train_s + time.perf_counter() - t0
+        status[1] = torch.logical_not(torch.isfinite(loss.detach())).to(torch.float64)
+        now_s, diverged = rt.all_reduce(status, dist.ReduceOp.MAX if rt.distributed else None).tolist()
         elapsed_s, last_step_s = now_s, now_s - elapsed_s
+        if diverged:
+            raise TrainingDiverged(divergence_message(step, loss, mult, args))
         if step <= 10 or step % args.train_log_every == 0:
             mean_loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
             log(f"step:{step}/{args.iterations} train_loss:{mean_loss.item():.4f} "

@@ -142,3 +142,20 @@ def test_every_rank_stops_at_the_same_step(tiny_data, tmp_path):
                                GPTQ_RESERVE_SECONDS=1, TTT_ENABLED=0, PARALLEL_MUON=1), nproc=2, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stopping_early: wallclock_cap" in proc.stdout and "final_int6_gptq_brotli_sliding_window_exact" in proc.stdout
+
+
+@pytest.mark.parametrize("nproc", [0, 2])
+def test_a_diverging_run_stops_with_one_line_and_no_artifact(tiny_data, tmp_path, nproc):
+    """Learning rates 10^4-10^5 times too high: the loss goes non-finite within a few steps; every
+    rank stops at the same step (no rank left waiting in a collective), with exit status 2, one line
+    naming the step, the loss and the rates in force, and nothing an outsider could take for a result."""
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=200, MATRIX_LR=1e4, SCALAR_LR=1e3, TIED_EMBED_LR=1e3,
+                   COMPILE_WARMUP_STEPS=0)
+    proc = run_script(env, nproc=nproc, timeout=180)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), proc.stderr[-3000:]
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    assert step < 50 and "MATRIX_LR=10000 x" in lines[0] and "lower MATRIX_LR, SCALAR_LR, TIED_EMBED_LR" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.log"]
+    assert lines[0] in (tmp_path / "train.log").read_text()
