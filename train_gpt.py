@@ -2950,8 +2950,8 @@ def pack_within_cap(qstate: dict, meta: dict, args: Hyperparameters, code_bytes:
     already; the header names the one used), the first that fits, else the smallest. On weights
     rounded to a fixed grid (the sp1024 records' scale floor) zstd's output size jumps by several
     percent with small changes of its input, and brotli-11 packs ~5% smaller: a run should not be
-    lost to that. zpaq, the smallest and slowest (about a minute each way for 36M weights on one
-    core), comes last. A compressor whose package is not installed is skipped, never a crash after
+    lost to that. zpaq, the smallest and slowest (minutes each way for 36M weights on a 2-core
+    CPU), comes last. A compressor whose package is not installed is skipped, never a crash after
     training."""
     layout = dict(shuffle=args.byte_shuffle, grouped=args.pack_groups,
                   sorted_roles=tuple(filter(None, args.pack_sorted_roles.split(","))))
