@@ -13,17 +13,12 @@ pack and unpack on this machine. Writes tests/bench/results/pack_bench.json (or 
 """
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-import train_gpt as tg  # noqa: E402
+from benchlib import ROOT, save, tg
 
 
 def entropy_bytes(q: dict) -> float:
@@ -80,11 +75,7 @@ def main() -> int:
         assert all(torch.equal(read[s][n], qstate[s][n]) for s in tg.SECTIONS for n in qstate[s]), label
         rows.append(dict(packing=label, bytes=len(blob), pack_s=round(t1 - t0, 1), unpack_s=round(t2 - t1, 1)))
         print(f"  {label:45s} {len(blob):>12,d}  pack {t1 - t0:6.1f}s  unpack {t2 - t1:6.1f}s", flush=True)
-    out = dict(date=time.strftime("%Y-%m-%d"), preset=a.preset, quick=a.quick, tail=args.size_check_tail,
-               level=level, rows=rows)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tg.atomic_write_text(a.out, json.dumps(out, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    save(a.out, dict(preset=a.preset, quick=a.quick, tail=args.size_check_tail, level=level, rows=rows))
     return 0
 
 
