@@ -432,6 +432,13 @@ class Hyperparameters:
             if role not in ROW_SORTABLE_ROLES:
                 raise ConfigError(f"PACK_SORTED_ROLES names {role!r}, not a role of rounded matrices; choose from "
                                   f"{', '.join(ROW_SORTABLE_ROLES)}")
+            unrounded = {"lm_head.weight": self.tie_embeddings, "tok_emb.weight": self.embed_bits == 16}
+            if unrounded.get(role):
+                raise ConfigError(f"PACK_SORTED_ROLES names {role}, which this configuration does not round "
+                                  "(TIE_EMBEDDINGS=1 has no lm_head; EMBED_BITS=16 stores the embedding as is)")
+            if max(self.vocab_size, int(self.mlp_mult * self.model_dim)) > 65536:
+                raise ConfigError("PACK_SORTED_ROLES stores row orders as uint16: at most 65,536 rows per matrix "
+                                  "(VOCAB_SIZE and MLP_MULT x MODEL_DIM)")
         package = {"zstd": "zstandard", "brotli": "brotli", "zpaq": "zpaq"}.get(self.compressor)
         if package and importlib.util.find_spec(package) is None:  # found now, not when the artifact is packed
             raise ConfigError(f"COMPRESSOR={self.compressor} needs the {package} package: "
@@ -839,7 +846,10 @@ def init_runtime(args: Hyperparameters, env: Mapping[str, str]) -> Runtime:
                      f"({'DEVICE=cpu' if args.device == 'cpu' else 'no CUDA device'})")
     if distributed:
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        # An hour, not NCCL's 10 minutes: the other ranks wait at a barrier while rank 0 packs the
+        # artifact, and an artifact over the cap tries every compressor (zpaq alone takes minutes).
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(hours=1))
         notes.append(f"processes: {world_size} ({backend})")
     bf16_ok = use_cuda or cpu_supports_bf16()
     if args.autocast == "bf16" and not bf16_ok:
@@ -2750,16 +2760,16 @@ def dequantize_state_dict(qstate: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def serialize(qstate: dict, meta: dict, groups: list | None = None) -> bytes:
+def serialize(qstate: dict, meta: dict, layout: list | None = None) -> bytes:
     """A JSON index, then raw tensor bytes grouped by kind (int8 values, scales, passthrough), which
-    compresses better than a pickle and needs no unpickling to read. groups: the layout of the
-    integers packed apart (pack_groups), kept in the index."""
+    compresses better than a pickle and needs no unpickling to read. layout: group_rows' layout of
+    the integers packed apart (PACK_GROUPS), kept in the index."""
     index, parts = [], []
     for section in SECTIONS:
         for name, t in qstate[section].items():
             index.append([section, name, str(t.dtype).removeprefix("torch."), list(t.shape)])
             parts.append(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    head = {"model": meta, "dtype": qstate["dtype"], "tensors": index} | ({"groups": groups} if groups else {})
+    head = {"model": meta, "dtype": qstate["dtype"], "tensors": index} | ({"groups": layout} if layout else {})
     head = json.dumps(head, separators=(",", ":")).encode()
     return struct.pack("<I", len(head)) + head + b"".join(parts)
 
@@ -2841,9 +2851,9 @@ def group_rows(q: dict[str, torch.Tensor], sorted_roles: tuple[str, ...]) -> tup
         orders, columns = [], []
         for name in names:
             t = q[name]
-            if sort:
+            if sort:  # the rows of a sorted role are at most 65,536 (Hyperparameters.validate)
                 order = nearest_neighbour_order(t)
-                orders.append(order.to(torch.int16).numpy().tobytes())  # rows < 65,536: read back as uint16
+                orders.append(order.numpy().astype(np.uint16).tobytes())
                 t = t[order]
             columns.append(t.T.contiguous().view(torch.uint8).numpy().tobytes())
         layout.append([role, sort, [[name, list(q[name].shape)] for name in names]])
@@ -2916,12 +2926,13 @@ STREAM_COUNT = struct.Struct("<I")
 
 
 def pack_artifact(qstate: dict, meta: dict, compressor: str, level: int, shuffle: bool = False,
-                  grouped: bool = False, sorted_roles: tuple[str, ...] = ()) -> bytes:
+                  grouping: tuple[list, list[bytes]] | None = None) -> bytes:
     """meta: what the model needs besides its weights (artifact_meta: architecture, switch states).
-    grouped (PACK_GROUPS): the payload is a stream count, each stream's length, then the streams,
-    each compressed on its own: the rest (index, scales, passthrough, LQER), then the integers of
-    each role (group_rows)."""
-    layout, groups = group_rows(qstate["q"], sorted_roles) if grouped else ([], [])
+    grouping (PACK_GROUPS): group_rows' (layout, streams) of these integers; the payload is then a
+    stream count, each stream's length, then the streams, each compressed on its own: the rest
+    (index, scales, passthrough, LQER), then the integers of each role."""
+    grouped = grouping is not None
+    layout, groups = grouping if grouped else ([], [])
     packed = {name for _, _, members in layout for name, _ in members}
     raw = serialize(qstate | {"q": {k: v for k, v in qstate["q"].items() if k not in packed}}, meta, layout)
     with ThreadPoolExecutor(min(1 + len(groups), os.cpu_count() or 1)) as pool:  # the compressors free the GIL
@@ -2953,13 +2964,13 @@ def pack_within_cap(qstate: dict, meta: dict, args: Hyperparameters, code_bytes:
     lost to that. zpaq, the smallest and slowest (minutes each way for 36M weights on a 2-core
     CPU), comes last. A compressor whose package is not installed is skipped, never a crash after
     training."""
-    layout = dict(shuffle=args.byte_shuffle, grouped=args.pack_groups,
-                  sorted_roles=tuple(filter(None, args.pack_sorted_roles.split(","))))
+    sorted_roles = tuple(filter(None, args.pack_sorted_roles.split(",")))
+    grouping = group_rows(qstate["q"], sorted_roles) if args.pack_groups else None  # once, for every compressor
+    layout = dict(shuffle=args.byte_shuffle, grouping=grouping)
     blob = pack_artifact(qstate, meta, args.compressor, args.compress_level, **layout)
-    if args.pack_groups and log:
-        roles = {role_of(name) for name, t in qstate["q"].items() if t.ndim == 2}
-        log(f"artifact: the integers of {len(roles)} roles packed apart, column by column; rows reordered in "
-            f"{', '.join(sorted(roles & set(layout['sorted_roles']))) or 'none'}")
+    if grouping and log:
+        log(f"artifact: the integers of {len(grouping[0])} roles packed apart, column by column; rows reordered in "
+            f"{', '.join(role for role, sort, _ in grouping[0] if sort) or 'none'}")
     for other in ("brotli", "lzma", "zstd", "zpaq"):
         if len(blob) + code_bytes <= CAP_BYTES:
             break
@@ -2987,6 +2998,8 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict, dict]:
     if len(blob) < ARTIFACT_HEADER.size:
         raise ArtifactError(f"{source} is truncated: {len(blob)} bytes, shorter than the header")
     _, _, comp, flags, length, crc = ARTIFACT_HEADER.unpack_from(blob)
+    if flags & ~(FLAG_BYTE_SHUFFLE | FLAG_GROUPED):
+        raise ArtifactError(f"{source} has layout flags {flags:#x} this script does not know: a newer script wrote it")
     if comp >= len(COMPRESSORS):
         raise ArtifactError(f"{source} names unknown compressor #{comp}")
     payload = blob[ARTIFACT_HEADER.size:]
@@ -3330,7 +3343,7 @@ def divergence_message(step: int, loss: torch.Tensor, mult: float, args: Hyperpa
     names = ["matrix_lr", "scalar_lr", "tied_embed_lr" if args.tie_embeddings else "embed_lr"]
     rates = ", ".join(f"{n.upper()}={getattr(args, n):g} x {mult:.3g}" for n in names)
     preset = PRESETS.get(args.preset, {})
-    mine = [n for n in names if args.sources.get(n) == "env" and n in preset]
+    mine = [n for n in names if args.sources.get(n) == "env" and getattr(args, n) > preset.get(n, math.inf)]
     advice = (f"lower {', '.join(n.upper() for n in mine)} towards PRESET={args.preset}'s "
               f"{', '.join(f'{preset[n]:g}' for n in mine)}" if mine else "lower the learning rates")
     return (f"training diverged at step {step}: train_loss {loss.float().mean().item()} (non-finite on at least one "

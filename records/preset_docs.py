@@ -106,7 +106,7 @@ FEATURES = [
     ("artifact", "quantisation", quant),
     ("artifact", "LQER", lambda v: f"top {v.lqer_top_k}, rank {v.lqer_rank}" if v.lqer_top_k else "-"),
     ("artifact", "integers grouped by role", lambda v: on(v.pack_groups, "yes" + (
-        f", {len(v.pack_sorted_roles.split(','))} row-sorted" if v.pack_sorted_roles else ""))),
+        f", {len(list(filter(None, v.pack_sorted_roles.split(','))))} row-sorted" if v.pack_sorted_roles else ""))),
     ("artifact", "compressor", lambda v: v.compressor + (f"-{v.compress_level}" if v.compress_level >= 0 else "")
      + (" + shuffle" if v.byte_shuffle else "")),
     ("artifact", "control tensors", lambda v: "fp32" if v.control_fp32 else "fp16"),

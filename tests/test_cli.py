@@ -152,7 +152,7 @@ def test_a_diverging_run_stops_with_one_line_and_no_artifact(tiny_data, tmp_path
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=200, MATRIX_LR=1e4, SCALAR_LR=1e3, TIED_EMBED_LR=1e3,
                    COMPILE_WARMUP_STEPS=0)
     proc = run_script(env, nproc=nproc, timeout=180)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 if nproc == 0 else proc.returncode != 0  # torchrun reports a failed child as 1
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: training diverged at step "), proc.stderr[-3000:]
     step = int(lines[0].split("at step ")[1].split(":")[0])

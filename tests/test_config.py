@@ -52,6 +52,9 @@ def test_dump_lists_every_knob_with_its_source():
     ({"SMEAR_MODE": "window"}, ["SMEAR_MODE", "SMEAR_GATE=1"]),
     ({"PACK_SORTED_ROLES": "mlp.fc.weight"}, ["PACK_SORTED_ROLES", "PACK_GROUPS=1"]),
     ({"PACK_GROUPS": "1", "PACK_SORTED_ROLES": "mlp.fc.weight,mlp.fcc.weight"}, ["'mlp.fcc.weight'", "mlp.fc.weight"]),
+    ({"PACK_GROUPS": "1", "PACK_SORTED_ROLES": "lm_head.weight"}, ["lm_head.weight", "TIE_EMBEDDINGS=1"]),
+    ({"PACK_GROUPS": "1", "PACK_SORTED_ROLES": "tok_emb.weight", "EMBED_BITS": "16"}, ["tok_emb.weight", "EMBED_BITS=16"]),
+    ({"PACK_GROUPS": "1", "PACK_SORTED_ROLES": "mlp.fc.weight", "MODEL_DIM": "8192", "MLP_MULT": "9"}, ["65,536 rows", "MLP_MULT"]),
 ])
 def test_bad_values_name_the_variable(env, words):
     with pytest.raises(ConfigError) as e:

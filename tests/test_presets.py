@@ -129,12 +129,6 @@ def test_parameter_count_is_the_records(name):
     assert sum(p.numel() for p in GPT(Hyperparameters.from_env({"PRESET": name})).parameters()) == LOGGED_PARAMS[name]
 
 
-def test_pr1855s_count_is_pr2005s_less_the_headwise_rows_plus_its_pieces():
-    """35,945,671 (its log) = pr2005's 35,989,592 - 45,056 headwise gate rows (11 x 8 x 512) + 1,056
-    sparse gate weights (11 x 8 x 12) + 13 window SmearGate (12 + a lambda) + 66 lane scalars."""
-    assert LOGGED_PARAMS["pr2005"] - 11 * 8 * 512 + 11 * 8 * 12 + 13 + 66 == LOGGED_PARAMS["pr1855"]
-
-
 def test_baseline_matches_its_values():
     values = Hyperparameters.from_env({"PRESET": "baseline"}).as_dict()
     assert {k: values[k] for k in BASELINE} == BASELINE

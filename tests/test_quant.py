@@ -285,6 +285,7 @@ def test_bad_artifacts_give_one_clear_error():
         (bytes(future), "version 99"),
         (ARTIFACT_HEADER.pack(b"PGLF", ARTIFACT_VERSION, 0, 0, len(junk), zlib.crc32(junk)) + junk, "cannot be decoded"),
         (ARTIFACT_HEADER.pack(b"PGLF", ARTIFACT_VERSION, 9, 0, len(junk), zlib.crc32(junk)) + junk, "unknown compressor"),
+        (ARTIFACT_HEADER.pack(b"PGLF", ARTIFACT_VERSION, 0, 0x80, len(junk), zlib.crc32(junk)) + junk, "flags 0x80"),
     ]
     for data, words in cases:
         with pytest.raises(ArtifactError, match=words) as e:
@@ -502,7 +503,7 @@ def test_grouped_artifact_holds_each_role_column_by_column():
     as uint16 first and its rows in that order); every compressor reads back exactly."""
     import numpy as np
 
-    from train_gpt import COMPRESSORS, decompress, split_streams
+    from train_gpt import COMPRESSORS, decompress, group_rows, split_streams
 
     args = scheme_args(6, "sdclip", 7)
     torch.manual_seed(0)
@@ -513,12 +514,12 @@ def test_grouped_artifact_holds_each_role_column_by_column():
     qstate = quantize_state_dict(model.state_dict(), args)
     q = qstate["q"]
     for compressor in COMPRESSORS:
-        blob = pack_artifact(qstate, {"a": 1}, compressor, 1, True, True, ("mlp.fc.weight",))
+        blob = pack_artifact(qstate, {"a": 1}, compressor, 1, True, group_rows(q, ("mlp.fc.weight",)))
         meta, read = unpack_artifact(blob)
         assert meta == {"a": 1}
         assert all(torch.equal(read[s][n], qstate[s][n]) for s in qstate if s != "dtype" for n in qstate[s])
         assert all(set(read[s]) == set(qstate[s]) for s in qstate if s != "dtype")
-    blob = pack_artifact(qstate, {"a": 1}, "zlib", 1, True, True, ("mlp.fc.weight",))
+    blob = pack_artifact(qstate, {"a": 1}, "zlib", 1, True, group_rows(q, ("mlp.fc.weight",)))
     streams = [decompress(x, "zlib") for x in split_streams(blob[ARTIFACT_HEADER.size:])]
     roles = ["tok_emb.weight", "mlp.fc.weight", "mlp.proj.weight"]  # the matrices over 65,536 values
     assert set(q) == {"tok_emb.weight"} | {f"blocks.{i}.{r}" for i in range(2) for r in roles[1:]}

@@ -57,18 +57,18 @@ def main() -> int:
     meta = tg.artifact_meta(args, tg.run_switches(args))
     sorted_roles = tuple(filter(None, args.pack_sorted_roles.split(",")))
     level = 1 if a.quick else -1
-    ways = [("one stream, brotli", "brotli", {}),
-            ("grouped, brotli", "brotli", dict(grouped=True)),
-            ("grouped, zpaq", "zpaq", dict(grouped=True)),
-            (f"grouped, zpaq, rows sorted in {len(sorted_roles)} roles", "zpaq", dict(grouped=True,
-                                                                                     sorted_roles=sorted_roles))]
+    plain, ordered = tg.group_rows(qstate["q"], ()), tg.group_rows(qstate["q"], sorted_roles)
+    ways = [("one stream, brotli", "brotli", None),
+            ("grouped, brotli", "brotli", plain),
+            ("grouped, zpaq", "zpaq", plain),
+            (f"grouped, zpaq, rows sorted in {len(sorted_roles)} roles", "zpaq", ordered)]
     rows = [dict(packing="order-0 entropy of the integers alone", bytes=round(entropy_bytes(qstate["q"])))]
     print(f"{a.preset}{' (quick)' if a.quick else ''}, stand-in tail {args.size_check_tail:g}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     print(f"  {rows[0]['packing']:45s} {rows[0]['bytes']:>12,d}", flush=True)
-    for label, compressor, layout in ways:
+    for label, compressor, grouping in ways:
         t0 = time.perf_counter()
-        blob = tg.pack_artifact(qstate, meta, compressor, level, args.byte_shuffle, **layout)
+        blob = tg.pack_artifact(qstate, meta, compressor, level, args.byte_shuffle, grouping)
         t1 = time.perf_counter()
         _, read = tg.unpack_artifact(blob)
         t2 = time.perf_counter()
