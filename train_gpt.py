@@ -2529,7 +2529,7 @@ ARTIFACT_VERSION = 4
 COMPRESSORS = ("zlib", "zstd", "brotli", "lzma", "zpaq")
 ARTIFACT_HEADER = struct.Struct("<4sBBBQI")  # magic, version, compressor, flags, payload bytes, crc32
 FLAG_BYTE_SHUFFLE = 1
-FLAG_GROUPED = 2  # PACK_GROUPS: the payload is a list of streams (pack_groups)
+FLAG_GROUPED = 2  # PACK_GROUPS: the payload is a list of streams (pack_artifact)
 # The roles (a parameter's name without its block index) whose rounded rows PACK_SORTED_ROLES may reorder.
 ROW_SORTABLE_ROLES = ("tok_emb.weight", "lm_head.weight", "attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight",
                       "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
@@ -2833,7 +2833,7 @@ def nearest_neighbour_order(rows: torch.Tensor) -> torch.Tensor:
 
 def role_of(name: str) -> str:
     """The parameter's name without its block index: the same matrix of every layer shares a role."""
-    return re.sub(r"^blocks\.\d+\.", "", name)
+    return re.sub("^" + _BLOCK, "", name)
 
 
 def group_rows(q: dict[str, torch.Tensor], sorted_roles: tuple[str, ...]) -> tuple[list, list[bytes]]:
