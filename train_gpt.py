@@ -283,6 +283,29 @@ class Hyperparameters:
     ttt_freeze_blocks: int = knob(0, "the first N blocks are not trained by TTT", lo=0)
     ttt_freeze_matrices: bool = knob(True, "frozen blocks keep their matrices too; 0 = only their scales and gains")
     ttt_batch_seqs: int = knob(32, "TTT sequences (of EVAL_SEQ_LEN) per step, over all ranks", lo=1)
+    ttt_mode: str = knob("sliding", "sliding: score-first SGD of the whole model over chunks of the stream; doc_lora: "
+                         "phased score-first per-document LoRA (TTT_LORA_*, TTT_DOC_*, TTT_PHASE*)",
+                         choices=("sliding", "doc_lora"))
+    ttt_lora_targets: str = knob("q,k,v,o,mlp,head", "doc_lora: adapted maps, comma-separated from q, k, v, o, "
+                                 "mlp (at every layer pass) and head")
+    ttt_lora_rank: int = knob(80, "doc_lora: rank of every adapter", lo=1)
+    ttt_lora_alpha: float = knob(144.0, "doc_lora: adapters' outputs are scaled by alpha / rank", lo=0.0)
+    ttt_lora_lr: float = knob(1e-4, "doc_lora: AdamW learning rate of the adapters", lo=0.0)
+    ttt_lora_beta2: float = knob(0.99, "doc_lora: AdamW beta2 (beta1 is 0, eps 1e-10)", lo=0.0, hi=1.0)
+    ttt_lora_wd: float = knob(0.5, "doc_lora: AdamW decoupled weight decay of the adapters", lo=0.0)
+    ttt_doc_chunk: int = knob(48, "doc_lora: targets scored before each adapter step", lo=1)
+    ttt_doc_batch: int = knob(64, "doc_lora: documents per batch, one adapter set each", lo=1)
+    ttt_doc_lanes: int = knob(8, "doc_lora: batch q inherits its adapters' A from batch q - LANES; each rank runs "
+                              "whole lanes, so the score does not depend on the number of processes", lo=1)
+    ttt_phase_docs: int = knob(2500, "doc_lora: documents the global SGD phases train on (the first scored); "
+                               "0 = no phase", lo=0)
+    ttt_phases: int = knob(3, "doc_lora: global SGD phases, at even steps of TTT_PHASE_DOCS", lo=1)
+    ngram_tilt: bool = knob(False, "doc_lora scoring: raise the probability of the token that followed the previous "
+                            "NGRAM_ORDER-1 tokens earlier in the stream, renormalised (never in training)")
+    ngram_order: int = knob(16, "n-gram tilt: the context is the previous ORDER-1 tokens", lo=2)
+    ngram_threshold: float = knob(0.8, "n-gram tilt: hint only when that token followed at least this share of "
+                                  "the context's earlier occurrences", lo=0.0, hi=1.0)
+    ngram_boost: float = knob(2.625, "n-gram tilt: the hint's logit is raised by this much", lo=0.0)
     val_loss_every: int = knob(1000, "validate every N steps; 0 = only at the end", lo=0)
     train_log_every: int = knob(200, "log the training loss every N steps (and the first 10)", lo=1)
     # --- artifact
@@ -423,11 +446,22 @@ class Hyperparameters:
                  "attn_clip_sigmas": (self.matrix_clip == "sdclip", "MATRIX_CLIP=sdclip"),
                  "ttt_freeze_matrices": (self.ttt_freeze_blocks > 0, "TTT_FREEZE_BLOCKS > 0"),
                  "smear_mode": (self.smear_gate, "SMEAR_GATE=1"),
-                 "pack_sorted_roles": (self.pack_groups, "PACK_GROUPS=1")}
+                 "pack_sorted_roles": (self.pack_groups, "PACK_GROUPS=1"),
+                 "ttt_mode": (self.ttt_enabled, "TTT_ENABLED=1")}
+        doc_lora = self.ttt_enabled and self.ttt_mode == "doc_lora"
+        for name in ("ttt_lora_targets", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_lora_beta2",
+                     "ttt_lora_wd", "ttt_doc_chunk", "ttt_doc_batch", "ttt_doc_lanes", "ttt_phase_docs", "ttt_phases", "ngram_tilt",
+                     "ngram_order", "ngram_threshold", "ngram_boost"):
+            needs[name] = (doc_lora, "TTT_ENABLED=1 TTT_MODE=doc_lora")
+        for name in ("ngram_order", "ngram_threshold", "ngram_boost"):
+            needs[name] = (doc_lora and self.ngram_tilt, "NGRAM_TILT=1 with TTT_MODE=doc_lora")
         for name, (read, condition) in needs.items():
             if not read and self.sources.get(name) == "env":
                 raise ConfigError(f"{name.upper()} is set, but only {condition} reads it: set that too, or unset "
                                   f"{name.upper()}")
+        unknown = set(filter(None, self.ttt_lora_targets.split(","))) - {"q", "k", "v", "o", "mlp", "head"}
+        if unknown:
+            raise ConfigError(f"TTT_LORA_TARGETS names {', '.join(sorted(unknown))}; choose from q,k,v,o,mlp,head")
         for role in filter(None, self.pack_sorted_roles.split(",")):
             if role not in ROW_SORTABLE_ROLES:
                 raise ConfigError(f"PACK_SORTED_ROLES names {role!r}, not a role of rounded matrices; choose from "
@@ -1427,6 +1461,61 @@ class QATLinear(nn.Linear):
         return F.linear(x, self.weight if self.qat is None else fake_quantize(self.weight, self.qat))
 
 
+class BatchedLoRA(nn.Module):
+    """One low-rank adapter per batch row: x (R, T, in) -> (x A_r^T) B_r^T * alpha / rank for row r.
+    A ~ U(+-1/sqrt(in)) from `generator`, B = 0, so a fresh adapter adds nothing. Rows never mix:
+    each row's output and gradients depend on that row alone."""
+
+    def __init__(self, rows: int, n_in: int, n_out: int, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        bound = 1.0 / math.sqrt(n_in)
+        self.A = nn.Parameter(torch.rand(rows, rank, n_in, generator=generator) * (2 * bound) - bound)
+        self.B = nn.Parameter(torch.zeros(rows, n_out, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A.transpose(1, 2).to(x.dtype)) @ self.B.transpose(1, 2).to(x.dtype) * self.scale
+
+
+class DocLoRA(nn.Module):
+    """TTT_MODE=doc_lora's adapters for a batch of documents: at every layer pass (17 with pr1855's
+    recurrence) one BatchedLoRA per target of TTT_LORA_TARGETS among q, k, v (the projections), o
+    (beside the attention's output projection, reading the attention's input) and mlp (beside the
+    whole MLP); and the output head ("head", reading the final hidden state, before the softcap)."""
+
+    def __init__(self, model: "GPT", rows: int, args: "Hyperparameters", generator: torch.Generator):
+        super().__init__()
+        self.rows = rows
+        targets = [t.strip() for t in args.ttt_lora_targets.split(",") if t.strip()]
+        attn, d = model.blocks[0].attn, model.args.model_dim
+        n_out = {"q": attn.c_q.weight.size(0), "k": attn.c_k.weight.size(0), "v": attn.c_v.weight.size(0),
+                 "o": d, "mlp": d}
+        rank, alpha = args.ttt_lora_rank, args.ttt_lora_alpha
+        self.slots = nn.ModuleList(
+            nn.ModuleDict({t: BatchedLoRA(rows, d, n_out[t], rank, alpha, generator) for t in targets if t != "head"})
+            for _ in model.layer_order())
+        self.final = nn.ModuleDict(
+            {"head": BatchedLoRA(rows, d, model.vocab_size, rank, alpha, generator)} if "head" in targets else {})
+
+    def slot(self, i: int) -> nn.ModuleDict:
+        return self.slots[i]
+
+    @torch.no_grad()
+    def reset_b(self) -> None:
+        """A new batch of documents: every B back to 0; each A keeps what the documents already scored
+        taught it ("warm-start A", PR #1767)."""
+        for m in self.modules():
+            if isinstance(m, BatchedLoRA):
+                m.B.zero_()
+
+
+def with_lora(y: torch.Tensor, adapters, name: str, x: torch.Tensor) -> torch.Tensor:
+    """y plus the adapter `name` of `adapters` applied to x, when there is one."""
+    if adapters is None or name not in adapters:
+        return y
+    return y + adapters[name](x).to(y.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, args: Hyperparameters, layer: int, attn_backend: str):
         super().__init__()
@@ -1456,11 +1545,11 @@ class CausalSelfAttention(nn.Module):
         else:
             self.vr_lambda = None
 
-    def forward(self, x, cos, sin, v0=None, ve=None, segments=None):
-        """x: normalised block input (B, T, d); segments: DOC_ISOLATION's (B, T) ids or None. Returns
-        (output, v) so layer 0 can share its values."""
+    def forward(self, x, cos, sin, v0=None, ve=None, segments=None, lora=None):
+        """x: normalised block input (B, T, d); segments: DOC_ISOLATION's (B, T) ids or None; lora: this
+        layer pass's per-document adapters or None. Returns (output, v) so layer 0 can share its values."""
         B, T, d = x.shape
-        q = self.c_q(x)
+        q = with_lora(self.c_q(x), lora, "q", x)
         gate = None
         if self.gate_mode == "headwise":
             q, gate = q[..., :d], q[..., d:]  # (B, T, d), (B, T, H)
@@ -1469,8 +1558,8 @@ class CausalSelfAttention(nn.Module):
         elif self.gate_mode == "sparse":
             gate = self.gate_scale * F.linear(x[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype))
         q = q.reshape(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        k = with_lora(self.c_k(x), lora, "k", x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = with_lora(self.c_v(x), lora, "v", x).view(B, T, self.num_kv_heads, self.head_dim)
         if ve is not None:
             v = v + ve.view_as(v).to(v.dtype)
         if self.vr_lambda is not None and v0 is not None:
@@ -1483,7 +1572,8 @@ class CausalSelfAttention(nn.Module):
             y = exclusive_self_attention(y, v)
         if gate is not None:  # one scalar per head and position, after XSA (the two commute)
             y = y * torch.sigmoid(gate).to(y.dtype)[..., None]
-        return self.proj(y.reshape(B, T, -1)), v
+        # the output's adapter reads the attention's input, not its output (PR #1855's choice)
+        return with_lora(self.proj(y.reshape(B, T, -1)), lora, "o", x), v
 
 
 class MLP(nn.Module):
@@ -1514,27 +1604,32 @@ class Block(nn.Module):
         self.parallel = 0 <= args.parallel_residual_start <= layer
         self.par_gate = nn.Parameter(torch.tensor(0.5)) if self.parallel and args.parallel_residual_gate else None
 
-    def forward(self, x, x0, cos, sin, v0=None, ve=None, segments=None):
+    def forward(self, x, x0, cos, sin, v0=None, ve=None, segments=None, lora=None):
         """Returns (x, v)."""
         s = self.ln_scale
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        a, v = self.attn(rms_norm(x) * s, cos, sin, v0, ve, segments)
+        a, v = self.attn(rms_norm(x) * s, cos, sin, v0, ve, segments, lora)
         if self.parallel:  # attention and MLP read the same input
-            m = self.mlp(rms_norm(x) * s)
+            m = self.mlp_lora(rms_norm(x) * s, lora)
             if self.par_gate is not None:
                 return x + self.par_gate * self.attn_scale * a + (1 - self.par_gate) * self.mlp_scale * m, v
             return x + self.attn_scale * a + self.mlp_scale * m, v
         x = x + self.attn_scale * a
-        return x + self.mlp_scale * self.mlp(rms_norm(x) * s), v
+        return x + self.mlp_scale * self.mlp_lora(rms_norm(x) * s, lora), v
 
-    def lanes(self, lane0, lane1, x0, cos, sin, resid, post, v0=None, ve=None, segments=None):
+    def mlp_lora(self, n: torch.Tensor, lora) -> torch.Tensor:
+        """The MLP of normalised input n, plus its per-document adapter (parallel to the whole MLP)."""
+        return with_lora(self.mlp(n), lora, "mlp", n)
+
+    def lanes(self, lane0, lane1, x0, cos, sin, resid, post, v0=None, ve=None, segments=None, lora=None):
         """PARALLEL_LANES_START: a = attn_scale * Attn(norm(resid_mix . [lane0, x0]) * s),
         m = mlp_scale * MLP(norm(lane1) * s); lane_k = resid[k] * lane_k + post[0, k] * a + post[1, k] * m.
         Returns (lane0, lane1, v)."""
         s = self.ln_scale
-        a, v = self.attn(rms_norm(self.resid_mix[0] * lane0 + self.resid_mix[1] * x0) * s, cos, sin, v0, ve, segments)
+        a, v = self.attn(rms_norm(self.resid_mix[0] * lane0 + self.resid_mix[1] * x0) * s, cos, sin, v0, ve, segments,
+                         lora)
         a = self.attn_scale * a
-        m = self.mlp_scale * self.mlp(rms_norm(lane1) * s)
+        m = self.mlp_scale * self.mlp_lora(rms_norm(lane1) * s, lora)
         return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m, v)
 
@@ -1726,9 +1821,10 @@ class GPT(nn.Module):
         routed = (torch.softmax(scores.float(), dim=-1).to(bank.dtype)[..., None] * bank).sum(2)
         return (1 - self.args.attn_res_mix) * x + self.args.attn_res_mix * routed
 
-    def hidden(self, input_ids: torch.Tensor, segment_len: int = 0) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, segment_len: int = 0, lora: "DocLoRA | None" = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, d). With DOC_ISOLATION, attention stays inside
-        each document, cut every segment_len tokens when > 0 (a packed training row)."""
+        each document, cut every segment_len tokens when > 0 (a packed training row). lora: per-document
+        adapters, one set per layer pass (a layer the recurrence runs again has one set per pass)."""
         segments = document_segments(input_ids, segment_len) if self.args.doc_isolation else None
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
@@ -1744,7 +1840,7 @@ class GPT(nn.Module):
         units = self.units()
         n_enc = len(units) // 2 if self.skip_weights is not None else 0
         n_skip = min(n_enc, len(units) - n_enc)
-        skips, v0, lanes = [], None, None
+        skips, v0, lanes, slot = [], None, None, 0
         sources = [x0.detach()] if self.attn_res_q is not None else None
         for i, unit in enumerate(units):
             j = i - n_enc
@@ -1755,8 +1851,9 @@ class GPT(nn.Module):
                 layer, lane0 = unit[0], self.merge_skip(lanes[0], skips.pop(), j) if 0 <= j < n_skip else lanes[0]
                 ve_i = self.layer_ve(ve, layer)
                 *lanes, v = self.blocks[layer].lanes(lane0, lanes[1], x0, cos, sin, self.lane_resid[layer],
-                                                     self.lane_post[layer], v0 if layer > 0 else None, ve_i, segments)
-                v0 = v if v0 is None else v0
+                                                     self.lane_post[layer], v0 if layer > 0 else None, ve_i, segments,
+                                                     lora.slot(slot) if lora is not None else None)
+                v0, slot = v if v0 is None else v0, slot + 1
                 continue
             if 0 <= j < n_skip:
                 x = self.merge_skip(x, skips.pop(), j)
@@ -1765,7 +1862,9 @@ class GPT(nn.Module):
             for p, layer in enumerate(unit):
                 ve_i = self.layer_ve(ve, layer)
                 # layer 0 makes v0 and never mixes it in, also when the recurrence runs it again
-                y, v = self.blocks[layer](x, x0, cos, sin, v0 if layer > 0 else None, ve_i, segments)
+                y, v = self.blocks[layer](x, x0, cos, sin, v0 if layer > 0 else None, ve_i, segments,
+                                          lora.slot(slot) if lora is not None else None)
+                slot += 1
                 # a layer's extra pass in place is blended in by its gate: x + g * (pass - x)
                 x = y if p == 0 else x + self.recur_gates[layer - self.args.loop_start] * (y - x)
                 v0 = v if v0 is None else v0
@@ -1791,12 +1890,13 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.skip_gates[j])
         return g * x + ((1 - g) * self.skip_weights[j]) * skip
 
-    def forward_logits(self, input_ids: torch.Tensor, first: int = 0, segment_len: int = 0) -> torch.Tensor:
+    def forward_logits(self, input_ids: torch.Tensor, first: int = 0, segment_len: int = 0,
+                       lora: "DocLoRA | None" = None) -> torch.Tensor:
         """(B, T - first, V) logits of positions first..T-1: a sliding window scores only its tail,
         so the rest skips the output head and the softmax."""
-        h = self.head_input(self.hidden(input_ids, segment_len)[:, first:])
+        h = self.head_input(self.hidden(input_ids, segment_len, lora)[:, first:])
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, weight).float()
+        logits = with_lora(F.linear(h, weight), lora.final if lora is not None else None, "head", h).float()
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
@@ -2501,6 +2601,274 @@ def evaluate_ttt(model: GPT, val: ValidationSet, ctx: Context,
         progress.update(c + 1)
     for name, p in model.named_parameters():
         p.requires_grad_(trainable[name])
+    result = EvalResult(total[0].item(), int(total[1].item()), int(total[2].item()), time.perf_counter() - t_start)
+    return result, records
+
+
+# --- TTT_MODE=doc_lora: phased, score-first, per-document LoRA TTT (PRs #1530, #1610, #1626, #1767,
+# #1855). Documents are scored on their own: each batch row holds one document, with its own
+# adapters (DocLoRA), and each document's targets are scored in chunks of TTT_DOC_CHUNK, each chunk
+# before the one AdamW step that trains on it. Between batches the adapters' B and the optimiser
+# state are reset; A is kept ("warm start"), so a batch inherits what earlier batches taught it. At
+# TTT_PHASES points the whole model takes a global SGD pass (the sliding TTT's chunk training) over
+# documents already scored. The schedule is fixed before anything is scored and depends neither on
+# timing nor on the number of processes: batch q belongs to lane q mod TTT_DOC_LANES, a lane's
+# adapters pass A from one of its batches to the next, and each rank runs whole lanes. PR #1855 let
+# 8 GPUs pull batches from a shared counter, each GPU chaining A over the batches it happened to pull.
+
+
+def document_spans(tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of every document: from its BOS through the next BOS, which is its last
+    target (the next document's BOS is only its input). Tokens before the first BOS are a document
+    too, and the last one runs to the end. Every target 1..N-1 is in exactly one span."""
+    bos = torch.nonzero(tokens == BOS_ID).flatten().tolist()
+    starts = bos if bos and bos[0] == 0 else [0] + bos
+    ends = starts[1:] + [len(tokens) - 1]  # each span's last target
+    return [(s, e - s + 1) for s, e in zip(starts, ends) if e > s]
+
+
+def doc_queue(spans: list[tuple[int, int]], rows: int) -> list[tuple[int, list[int]]]:
+    """Batches of up to `rows` documents of similar length: (index in length order, span indices),
+    longest batch first (PR #1855's order: the long ones do not all land at the end)."""
+    by_length = sorted(range(len(spans)), key=lambda i: spans[i][1])
+    batches = list(enumerate(by_length[i:i + rows] for i in range(0, len(by_length), rows)))
+    return sorted(batches, key=lambda b: -spans[b[1][-1]][1])
+
+
+def phase_pauses(queue: list, args: Hyperparameters) -> list[tuple[int, int]]:
+    """(queue position, documents) of each global SGD phase: the phase starts after the batch at that
+    position, once TTT_PHASE_DOCS * (p+1) / TTT_PHASES documents are scored (counted in queue order),
+    and trains on that many of them. At most one phase after any batch, as PR #1855 paused."""
+    n_docs = sum(len(b) for _, b in queue)
+    limit = min(args.ttt_phase_docs, n_docs)
+    targets = [limit * (p + 1) // args.ttt_phases for p in range(args.ttt_phases)] if limit else []
+    pauses, done = [], 0
+    for pos, (_, batch) in enumerate(queue):
+        done += len(batch)
+        if len(pauses) < len(targets) and done >= targets[len(pauses)]:
+            pauses.append((pos, targets[len(pauses)]))
+    return pauses
+
+
+def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Tensor:
+    """NGRAM_TILT's hint for every position: the token that most often followed the same ORDER-1
+    tokens earlier in the stream, when it did in at least `threshold` of those occurrences; -1
+    otherwise (and for the first ORDER-1 positions). hints[i] is the hint for token i, and uses
+    tokens 0..i-1 only. One left-to-right pass over the stream in file order, across documents, as
+    PR #2135's counting tables ran it (a context's top token changes only when another overtakes
+    it), computed with sorts instead of a loop: contexts and (context, token) pairs are 64-bit
+    polynomial hashes, so two contexts are confused only by a 64-bit collision."""
+    n, width = len(tokens), order - 1
+    hints = torch.full((n,), -1, dtype=torch.long, device=tokens.device)
+    m = n - width
+    if m <= 0:
+        return hints
+    key = torch.zeros(m, dtype=torch.long, device=tokens.device)
+    for j in range(width):  # int64 arithmetic wraps: a hash modulo 2^64
+        key = key * NGRAM_HASH_MULT + tokens[j:j + m] + 1
+    target = tokens[width:]
+    pair_count = occurrence_index(key * NGRAM_HASH_MULT + target + 1) + 1  # this occurrence included
+    order_ = torch.argsort(key, stable=True)  # each context's occurrences together, in stream order
+    key_s, count_s, target_s = key[order_], pair_count[order_], target[order_]
+    idx = torch.arange(m, device=tokens.device)
+    first = torch.ones(m, dtype=torch.bool, device=tokens.device)
+    first[1:] = key_s[1:] != key_s[:-1]
+    seen = idx - torch.cummax(torch.where(first, idx, 0), 0).values  # earlier occurrences of the context
+    group = torch.cumsum(first.long(), 0) - 1
+    top = torch.cummax(group * (m + 1) + count_s, 0).values - group * (m + 1)  # running max per context
+    rises = first.clone()
+    rises[1:] |= top[1:] > top[:-1]
+    top_token = target_s[torch.cummax(torch.where(rises, idx, 0), 0).values]
+    # the tables as they stood before this occurrence: the previous occurrence's state
+    prev_top, prev_token = top.roll(1), top_token.roll(1)
+    fire = ~first & (prev_top.float() / seen.clamp(min=1).float() >= threshold)
+    hints[width + order_] = torch.where(fire, prev_token, -1)
+    return hints
+
+
+NGRAM_HASH_MULT = 0x100000001B3  # the 64-bit FNV prime: odd, so the hash is a bijection per step
+
+
+def occurrence_index(values: torch.Tensor) -> torch.Tensor:
+    """For each element, how many earlier elements are equal to it."""
+    order_ = torch.argsort(values, stable=True)
+    v = values[order_]
+    idx = torch.arange(len(v), device=v.device)
+    first = torch.ones(len(v), dtype=torch.bool, device=v.device)
+    first[1:] = v[1:] != v[:-1]
+    out = torch.empty_like(idx)
+    out[order_] = idx - torch.cummax(torch.where(first, idx, 0), 0).values
+    return out
+
+
+def tilted_nll(nll: torch.Tensor, log_q: torch.Tensor, hit: torch.Tensor, boost: float) -> torch.Tensor:
+    """NLL of the target under p'(a) = p(a) e^(boost [a = h]) / Z, Z = 1 + q (e^boost - 1), q = p(h):
+    the model's distribution with the hint h's probability raised and the whole vocabulary
+    renormalised, in closed form: nll - boost [y = h] + log(1 + q (e^boost - 1))."""
+    return nll - boost * hit.to(nll.dtype) + torch.log1p(log_q.exp() * math.expm1(boost))
+
+
+def chunk_windows(spans: list, batch: list[int], c: int, args: Hyperparameters) -> list[tuple[int, int, int, int]]:
+    """For chunk c of each document of the batch: (first token of its window in the stream, window
+    length, first scored position in the window, scored count); (0, 0, 0, 0) when the document
+    has fewer chunks. The window is the last EVAL_SEQ_LEN tokens of the document up to the chunk's
+    end: no context from another document."""
+    C, L, out = args.ttt_doc_chunk, args.eval_seq_len, []
+    for i in batch:
+        start, length = spans[i]
+        n_targets = length - 1
+        if c * C >= n_targets:
+            out.append((0, 0, 0, 0))
+            continue
+        end = min((c + 1) * C, n_targets)
+        lo = max(0, end - L)
+        out.append((start + lo, end - lo, c * C - lo, end - c * C))
+    return out
+
+
+def score_doc_batch(model: GPT, lora: DocLoRA, optimizer, val: ValidationSet, spans: list, batch: list[int],
+                    ctx: Context, hints: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch of documents, chunk by chunk: score the chunk (sums [nll, tokens, bytes]), then one
+    AdamW step of every document that has a later chunk on the mean NLL of this one, summed over
+    the documents. With hints, the scored NLL is tilted (the training loss is not). `scores`, when
+    given, receives each target's scored NLL at its position in the stream."""
+    args, device = ctx.args, ctx.rt.device
+    rows, C = lora.rows, args.ttt_doc_chunk
+    lora.reset_b()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    n_chunks = max(-(-(spans[i][1] - 1) // C) for i in batch)
+    for c in range(n_chunks):
+        wins = chunk_windows(spans, batch, c, args) + [(0, 0, 0, 0)] * (rows - len(batch))
+        meta = torch.tensor(wins, dtype=torch.long).to(device)
+        # padded to a multiple of 128 (causal: the padding cannot reach a scored position), so that a
+        # compiled model sees a few shapes, not one per chunk
+        width = min(-(-max(w[1] for w in wins) // 128) * 128, args.eval_seq_len)
+        first = min(w[2] for w in wins if w[1])  # positions before it are context only
+        pos = torch.arange(width + 1, device=device)
+        index = (meta[:, :1] + pos).clamp_max(len(val.tokens) - 1)
+        valid = pos[None, :-1] < meta[:, 1:2]
+        x = torch.where(valid, val.tokens[index[:, :-1]], 0)
+        y = torch.where(valid, val.tokens[index[:, 1:]], 0)[:, first:]
+        targets = index[:, 1:][:, first:]
+        p = pos[None, first:-1]
+        scored = (p >= meta[:, 2:3]) & (p < meta[:, 2:3] + meta[:, 3:4])
+        with ctx.rt.autocast():
+            logits = model.forward_logits(x, first, lora=lora)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(-1, y[..., None]).squeeze(-1)
+        with torch.no_grad():
+            final = nll.detach()
+            if hints is not None:
+                h = hints[targets]
+                log_q = logp.detach().gather(-1, h.clamp(min=0)[..., None]).squeeze(-1)
+                final = torch.where(h >= 0, tilted_nll(final, log_q, y == h, args.ngram_boost), final)
+            sums[0] += torch.where(scored, final.double(), 0.0).sum()
+            sums[1] += scored.sum()
+            sums[2] += (val.target_bytes[targets] * scored).sum()
+            if scores is not None:
+                scores[targets[scored]] = final[scored].double()
+        train = [c < -(-(spans[i][1] - 1) // C) - 1 for i in batch] + [False] * (rows - len(batch))
+        if any(train):  # a document's last chunk trains nothing; the others are full, at one column
+            lo = wins[train.index(True)][2] - first
+            weight = torch.tensor(train, dtype=torch.float32, device=device)
+            loss = (nll[:, lo:lo + C].mean(1) * weight).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return sums
+
+
+def lora_optimizer(lora: DocLoRA, args: Hyperparameters) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=(0.0, args.ttt_lora_beta2), eps=1e-10,
+                             weight_decay=args.ttt_lora_wd)
+
+
+def global_phase(model: GPT, tokens: torch.Tensor, ctx: Context) -> None:
+    """One global SGD phase: the sliding TTT's training (TTT_LR cosine over chunks of
+    TTT_CHUNK_TOKENS, TTT_MOMENTUM, TTT_EPOCHS, TTT_BATCH_SEQS, TTT_GRAD_CLIP, gradients summed over
+    ranks) over `tokens`, already-scored documents; the last chunk is not trained on (PR #1855)."""
+    args = ctx.args
+    frozen = ttt_frozen(model, args)
+    params = [p for name, p in model.named_parameters() if name not in frozen]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    n_targets, C = len(tokens) - 1, args.ttt_chunk_tokens
+    n_chunks = -(-n_targets // C)
+    for c in range(n_chunks - 1):
+        for group in optimizer.param_groups:
+            group["lr"] = ttt_lr_at(c, n_chunks - 1, args)
+        ttt_train_chunk(model, optimizer, params, tokens, c * C, min((c + 1) * C, n_targets), ctx)
+    for p in params:
+        p.requires_grad_(False)
+
+
+def evaluate_doc_ttt(model: GPT, val: ValidationSet, ctx: Context, chunks_path: Path | None = None,
+                     scores: torch.Tensor | None = None) -> tuple[EvalResult, list[dict]]:
+    """TTT_MODE=doc_lora over the whole validation set; `model` is trained in place by the global
+    phases. Returns the total and one record per document batch (written to `chunks_path`)."""
+    args, rt = ctx.args, ctx.rt
+    rt.sync()
+    t_start = time.perf_counter()
+    hints = None
+    if args.ngram_tilt:  # inside the evaluation's time
+        t0 = time.perf_counter()
+        hints = ngram_hints(val.tokens.to(rt.device), args.ngram_order, args.ngram_threshold)
+        rt.sync()
+        ctx.log(f"ngram_tilt: {int((hints >= 0).sum())} of {len(hints) - 1} targets hinted "
+                f"({time.perf_counter() - t0:.1f}s)")
+    spans = document_spans(val.tokens.cpu())
+    queue = doc_queue(spans, args.ttt_doc_batch)
+    pauses = phase_pauses(queue, args)
+    val = val.to(rt.device)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    rows, lanes = min(args.ttt_doc_batch, len(spans)), args.ttt_doc_lanes
+    if rt.world_size > lanes and rt.master:
+        ctx.log(f"WARNING: TTT_DOC_LANES={lanes} < {rt.world_size} processes: ranks {lanes}.. score nothing")
+    mine = [q for q in range(len(queue)) if q % lanes % rt.world_size == rt.rank]
+    total = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    records, bounds = [], [0] + [pos + 1 for pos, _ in pauses] + [len(queue)]
+    progress, done = Progress(ctx.log if rt.master else None, "doc ttt (rank 0's batches)", len(mine)), 0
+    for phase, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        adapters = {}  # lane -> its DocLoRA, new at every phase
+        for q in (q for q in mine if lo <= q < hi):
+            t0 = time.perf_counter()
+            lane = q % lanes
+            if lane not in adapters:
+                seed = args.seed * 10_000 + phase * 100 + lane  # the same lane gets the same A on any rank
+                adapters[lane] = DocLoRA(model, rows, args, torch.Generator().manual_seed(seed)).to(rt.device)
+            lora = adapters[lane]
+            _, batch = queue[q]
+            sums = score_doc_batch(model, lora, lora_optimizer(lora, args), val, spans, batch, ctx, hints, scores)
+            total += sums
+            nll, tokens, nbytes = sums.tolist()
+            records.append(dict(batch=q, docs=len(batch), tokens=int(tokens), bytes=int(nbytes), nll=nll,
+                                bpb=nll / (math.log(2) * nbytes) if nbytes else 0.0,
+                                seconds=time.perf_counter() - t0, rank=rt.rank))
+            done += 1
+            progress.update(done)
+        if phase < len(pauses):  # documents scored so far, by length order, as PR #1855 chose them
+            t0 = time.perf_counter()
+            scored = sorted((b, j, i) for b, batch in queue[:hi] for j, i in enumerate(batch))[:pauses[phase][1]]
+            tokens = torch.cat([val.tokens[spans[i][0]:spans[i][0] + spans[i][1]] for _, _, i in scored])
+            global_phase(model, tokens, ctx)
+            rt.sync()
+            ctx.log(f"doc ttt: global phase {phase + 1}/{len(pauses)} on {len(scored)} documents, "
+                    f"{len(tokens)} tokens ({time.perf_counter() - t0:.1f}s)")
+    rt.all_reduce(total)
+    if rt.distributed:
+        gathered = [None] * rt.world_size
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    records.sort(key=lambda r: r["batch"])
+    if rt.master and chunks_path is not None:
+        atomic_write_text(chunks_path, "".join(json.dumps(r) + "\n" for r in records))
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable[name])
+    rt.sync()
     result = EvalResult(total[0].item(), int(total[1].item()), int(total[2].item()), time.perf_counter() - t_start)
     return result, records
 
@@ -3524,8 +3892,12 @@ def score_artifact(path, ctx: Context, val: ValidationSet) -> dict[str, EvalResu
         chunks_path = ctx.out_dir / "ttt_chunks.jsonl"
         if ctx.rt.master and chunks_path.exists():
             chunks_path.unlink()
-        r, records = evaluate_ttt(model, val, ctx, chunks_path)
-        report("ttt", "legal_ttt", r, f" chunks:{len(records)} epochs:{args.ttt_epochs}")
+        if args.ttt_mode == "doc_lora":
+            r, records = evaluate_doc_ttt(model, val, ctx, chunks_path)
+            report("ttt", "legal_ttt", r, f" mode:doc_lora batches:{len(records)} tilt:{int(args.ngram_tilt)}")
+        else:
+            r, records = evaluate_ttt(model, val, ctx, chunks_path)
+            report("ttt", "legal_ttt", r, f" chunks:{len(records)} epochs:{args.ttt_epochs}")
     total = sum(r.seconds for r in stages.values())
     if total > args.eval_time_budget_seconds:
         log(f"WARNING: evaluation took {total:.0f}s, over EVAL_TIME_BUDGET_SECONDS={args.eval_time_budget_seconds:g}")

@@ -120,9 +120,9 @@ def test_evaluation_batches_have_one_shape(model_and_val):
     m = copy.deepcopy(model)
     shapes, hidden = {"score": set(), "train": set()}, m.hidden
 
-    def spy(x, segment_len=0):
+    def spy(x, segment_len=0, lora=None):
         shapes["train" if torch.is_grad_enabled() else "score"].add(tuple(x.shape))
-        return hidden(x, segment_len)
+        return hidden(x, segment_len, lora)
 
     m.hidden = spy
     vset, ctx = ValidationSet.from_tables(val, tables), on_cpu(args)
