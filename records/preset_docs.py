@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from train_gpt import PRESETS, Hyperparameters, atomic_write_text  # noqa: E402
 
-COLUMNS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754", "pr1855", "baseline")
+COLUMNS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754", "pr1855", "pr2135", "baseline")
 
 
 def on(flag, text="yes"):
@@ -55,6 +55,10 @@ def quant(v):
 def ttt(v):
     if not v.ttt_enabled:
         return "-"
+    if v.ttt_mode == "doc_lora":
+        return (f"per-document LoRA rank {v.ttt_lora_rank} ({v.ttt_lora_targets}), lr {v.ttt_lora_lr:g}, "
+                f"wd {v.ttt_lora_wd:g}, chunks of {v.ttt_doc_chunk}; {v.ttt_phases} SGD phase(s) over "
+                f"{v.ttt_phase_docs} documents")
     freeze = f", freeze {v.ttt_freeze_blocks}" if v.ttt_freeze_blocks else ""
     freeze += " (scales only)" if v.ttt_freeze_blocks and not v.ttt_freeze_matrices else ""
     warm = f", warm-up {v.ttt_warmup_frac:g}" if v.ttt_warmup_frac else ""
@@ -112,7 +116,10 @@ FEATURES = [
     ("artifact", "control tensors", lambda v: "fp32" if v.control_fp32 else "fp16"),
     ("artifact", "self-extracting code", lambda v: on(v.self_extract)),
     ("evaluation", "sliding window", lambda v: f"stride {v.eval_stride}" if v.eval_stride else "-"),
+    ("evaluation", "window", lambda v: str(v.eval_seq_len)),
     ("evaluation", "score-first TTT", ttt),
+    ("evaluation", "n-gram tilt", lambda v: f"order {v.ngram_order}, share {v.ngram_threshold:g}, boost {v.ngram_boost:g}"
+     if v.ttt_enabled and v.ttt_mode == "doc_lora" and v.ngram_tilt else "-"),
 ]
 
 

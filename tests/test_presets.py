@@ -14,7 +14,7 @@ from conftest import ROOT, run_script, tiny_env
 from train_gpt import CAP_BYTES, GPT, PRESETS, Hyperparameters
 
 SEED_PRESETS = ("pr2005", "pr1658", "pr1232", "pr1696", "pr754")
-FULL_SIZE = (*SEED_PRESETS, "pr1855", "baseline")
+FULL_SIZE = (*SEED_PRESETS, "pr1855", "pr2135", "baseline")
 
 # What the five records share.
 COMMON = dict(NUM_LAYERS=11, MODEL_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=4, TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048,
@@ -86,15 +86,26 @@ FRONTIER_TABLE = {
                    EMBED_CLIP_SIGMAS=14.0, GPTQ=True, GPTQ_EMBED=True, GPTQ_CALIB_SEQS=768, GPTQ_RESERVE_SECONDS=4.0,
                    LQER_TOP_K=3, LQER_RANK=4, LQER_GROUP=64, COMPRESSOR="zpaq", PACK_GROUPS=True,
                    PACK_SORTED_ROLES="tok_emb.weight,attn.c_q.weight,mlp.fc.weight", EVAL_STRIDE=0,
-                   TTT_ENABLED=False, LATE_QAT_THRESHOLD=0.0),
+                   LATE_QAT_THRESHOLD=0.0, EVAL_SEQ_LEN=2048, TTT_ENABLED=True, TTT_MODE="doc_lora",
+                   TTT_LORA_TARGETS="q,k,v,o,mlp,head", TTT_LORA_RANK=80, TTT_LORA_ALPHA=144.0, TTT_LORA_LR=1e-4,
+                   TTT_LORA_BETA2=0.99, TTT_LORA_WD=0.5, TTT_DOC_CHUNK=48, TTT_DOC_BATCH=64, TTT_PHASE_DOCS=2500,
+                   TTT_PHASES=3, TTT_LR=0.001, TTT_MOMENTUM=0.9, TTT_EPOCHS=1, TTT_CHUNK_TOKENS=32768,
+                   TTT_BATCH_SEQS=32, TTT_GRAD_CLIP=1.0, TTT_FREEZE_BLOCKS=0, NGRAM_TILT=False),
 }
+# PR #2135 changes these of PR #1855's (records/pr2135/README.md); the rest is FRONTIER_TABLE["pr1855"].
+FRONTIER_TABLE["pr2135"] = dict(
+    FRONTIER_TABLE["pr1855"], MATRIX_LR=0.028, LQER_GROUP=32, GPTQ_CALIB_SEQS=1536, GPTQ_RESERVE_SECONDS=6.0,
+    EVAL_SEQ_LEN=2560, TTT_LORA_TARGETS="q,v,o,mlp,head", TTT_LORA_LR=8e-5, TTT_LORA_WD=2.0, TTT_PHASES=1,
+    NGRAM_TILT=True, NGRAM_ORDER=16, NGRAM_THRESHOLD=0.8, NGRAM_BOOST=2.625)
 # model_params in each record's log (PR #1658 logged none: its count is derived from its code,
 # records/pr1658/README.md shows the sum).
 LOGGED_PARAMS = {"pr2005": 35_989_592, "pr1658": 35_939_423, "pr1232": 27_137_223, "pr1696": 26_668_123,
-                 "pr754": 26_809_543, "pr1855": 35_945_671, "baseline": 17_059_912}
+                 "pr754": 26_809_543, "pr1855": 35_945_671, "baseline": 17_059_912,
+                 # PR #2135 logged 35,945,673: its two AsymLogit scalars, which never trained, are not built
+                 "pr2135": 35_945_671}
 # Compressed weights (model bytes) each record reported: logs, or total minus code where only that is given.
 RECORD_MODEL_BYTES = {"pr2005": 15_694_065, "pr1658": 15_539_696, "pr1232": 14_358_305, "pr1696": 15_615_952,
-                      "pr754": 15_892_614, "pr1855": 15_868_948}
+                      "pr754": 15_892_614, "pr1855": 15_868_948, "pr2135": 15_905_667}
 BASELINE = dict(VOCAB_SIZE=1024, NUM_LAYERS=9, MLP_MULT=2, MLP_ACT="relu2", TRAIN_SEQ_LEN=1024,
                 TRAIN_BATCH_TOKENS=524288, QK_GAIN_INIT=1.5, MATRIX_LR=0.04, MUON_MOMENTUM=0.95,
                 MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500, MUON_WD=0.0, TIED_EMBED_LR=0.05,
@@ -116,9 +127,10 @@ def test_preset_matches_the_seed_table(name):
     assert values["TOKENIZER_PATH"].endswith(f"fineweb_{values['VOCAB_SIZE']}_bpe.model")
 
 
-def test_pr1855_matches_its_table():
-    values = Hyperparameters.from_env({"PRESET": "pr1855"}).as_dict()
-    expected = {**COMMON, **FRONTIER_TABLE["pr1855"]}
+@pytest.mark.parametrize("name", FRONTIER_TABLE)
+def test_frontier_preset_matches_its_table(name):
+    values = Hyperparameters.from_env({"PRESET": name}).as_dict()
+    expected = {**COMMON, **FRONTIER_TABLE[name]}
     assert {k: values[k] for k in expected} == expected
     assert values["DATA_PATH"].endswith("fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
     assert values["TOKENIZER_PATH"].endswith("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
@@ -195,6 +207,8 @@ def scaled_down(name: str, data, out) -> dict:
                    LOOP_START=p.get("loop_start", 3), LOOP_END=p.get("loop_end", 5), EVAL_STRIDE=16,
                    GPTQ_CALIB_SEQS=8, GPTQ_SELFGEN_LEN=32, TTT_CHUNK_TOKENS=4096, TTT_EPOCHS=1, TTT_BATCH_SEQS=8,
                    TTT_ENABLED=int(p.get("ttt_enabled", False)))
+    if p.get("ttt_mode") == "doc_lora":  # 50 documents: batches of 8, rank 4, a phase after 16
+        env.update(TTT_DOC_BATCH="8", TTT_LORA_RANK="4", TTT_PHASE_DOCS="16", TTT_CHUNK_TOKENS="1024")
     if not p.get("eval_stride", 64):
         env["EVAL_STRIDE"] = "0"
     if p.get("lqer_top_k") or p.get("pack_groups"):  # MLP matrices over 65,536 values, so they are rounded
@@ -223,6 +237,10 @@ def test_every_preset_runs_end_to_end_scaled_down(tiny_data, tmp_path):
         final = "legal_ttt_exact" if p.get("ttt_enabled") else ("_sliding_window_exact" if p.get("eval_stride")
                                                                else "_roundtrip_exact")
         assert final in log, name
+        if p.get("ttt_mode") == "doc_lora":
+            assert "mode:doc_lora" in log and "doc ttt: global phase 1/" in log, name
+        if p.get("ngram_tilt"):
+            assert "\nngram_tilt: " in log, name
         if p.get("num_loops"):
             assert "looping: on at step" in log, name
         if p.get("late_qat_threshold"):
