@@ -2414,14 +2414,16 @@ class EvalResult:
 
 
 class Progress:
-    """Rate-limited progress lines for long stages (rank 0 only)."""
+    """Rate-limited progress lines for long stages (rank 0 only): at most one every `every_s`
+    seconds, with the share done and the time left at the rate so far. Plain lines, so train.log
+    keeps every one; a stage shorter than `every_s` prints none. `clock` is for the tests."""
 
-    def __init__(self, log, label: str, total: int, every_s: float = 15.0):
-        self.log, self.label, self.total, self.every_s = log, label, total, every_s
-        self.t0 = self.last = time.perf_counter()
+    def __init__(self, log, label: str, total: int, every_s: float = 5.0, clock=time.perf_counter):
+        self.log, self.label, self.total, self.every_s, self.clock = log, label, total, every_s, clock
+        self.t0 = self.last = clock()
 
     def update(self, done: int) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if self.log and now - self.last >= self.every_s and done < self.total:
             self.last = now
             rate = done / max(now - self.t0, 1e-9)
@@ -3049,10 +3051,10 @@ def add_lqer(out: dict, state: dict, args: Hyperparameters, log=None) -> None:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor]:
+def collect_hessians(model: GPT, batches, rt: Runtime, log=None) -> dict[str, torch.Tensor]:
     """H = mean x x^T of the inputs of every quantised matrix, summed over ranks. The tied embedding
     gets the output head's inputs (it is the head). A module run several times per forward (depth
-    recurrence) accumulates every pass into the same H."""
+    recurrence) accumulates every pass into the same H. `log`: progress lines (rank 0's)."""
     modules = dict(model.named_modules())
     head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
     targets = {}
@@ -3076,10 +3078,13 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, torch.Tensor
         hooks.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     model.eval()
+    batches = list(batches)  # a few MB even for the records' calibration sets
+    progress = Progress(log if rt.master else None, "gptq calibration", len(batches))
     try:
-        for x in batches:
+        for i, x in enumerate(batches):
             with rt.autocast():
                 model.forward_logits(x)
+            progress.update(i + 1)
     finally:
         for h in hooks:
             h.remove()
@@ -3114,8 +3119,10 @@ def selfgen_calibration_batches(model: GPT, ctx: Context, batch: int = 8):
     number of processes. Yields each sequence without its last token (which nothing would read)."""
     args, rt = ctx.args, ctx.rt
     n_batches = -(-args.gptq_calib_seqs // batch)
+    mine = rank_slice(list(range(n_batches)), rt)
+    progress = Progress(ctx.log if rt.master else None, "gptq selfgen", len(mine))
     model.eval()
-    for b in rank_slice(list(range(n_batches)), rt):
+    for done, b in enumerate(mine):
         gen = torch.Generator(device=rt.device).manual_seed(args.seed + 1000 * (b + 1))
         rows = min(batch, args.gptq_calib_seqs - b * batch)
         x = torch.randint(0, args.vocab_size, (rows, 1), generator=gen, device=rt.device)
@@ -3123,6 +3130,7 @@ def selfgen_calibration_batches(model: GPT, ctx: Context, batch: int = 8):
             with rt.autocast():
                 logits = model.forward_logits(x)[:, -1].float()
             x = torch.cat([x, torch.multinomial(torch.softmax(logits / 0.8, dim=-1), 1, generator=gen)], dim=1)
+        progress.update(done + 1)
         yield x[:, :-1]
 
 
@@ -3355,6 +3363,9 @@ def pack_within_cap(qstate: dict, meta: dict, args: Hyperparameters, code_bytes:
             break
         if other == args.compressor and args.compress_level == -1:
             continue
+        t0 = time.perf_counter()
+        if log:
+            log(f"artifact: packing with {other} at its maximum level")
         try:
             candidate = pack_artifact(qstate, meta, other, -1, **layout)
         except ImportError as e:
@@ -3363,7 +3374,7 @@ def pack_within_cap(qstate: dict, meta: dict, args: Hyperparameters, code_bytes:
             continue
         if log:
             log(f"artifact: {len(blob) + code_bytes} bytes with the code, over the cap; {other}: "
-                f"{len(candidate) + code_bytes}")
+                f"{len(candidate) + code_bytes} in {time.perf_counter() - t0:.1f}s")
         blob = min(blob, candidate, key=len)
     return blob
 
@@ -3671,6 +3682,7 @@ def compile_warmup(model, raw: GPT, optimizers, switches: list[Switch], ctx: Con
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     gen = torch.Generator().manual_seed(args.seed + 1)
     variants = list(itertools.product((False, True), repeat=len(switches)))
+    progress = Progress(ctx.log if ctx.rt.master else None, "compile_warmup", args.compile_warmup_steps)
     for i in range(args.compile_warmup_steps):
         for switch, on in zip(switches, variants[i * len(variants) // args.compile_warmup_steps]):
             switch.set(raw, on)
@@ -3679,6 +3691,7 @@ def compile_warmup(model, raw: GPT, optimizers, switches: list[Switch], ctx: Con
             t = torch.randint(0, args.vocab_size, (local + 1,), generator=gen)  # or the graphs recompile
             batches.append((t[:-1].view(-1, layout[0]).to(ctx.rt.device), t[1:].view(-1, layout[0]).to(ctx.rt.device)))
         training_step(model, optimizers, batches, ctx, accum, layout[1])
+        progress.update(i + 1)
     for switch in switches:
         switch.set(raw, False)
     raw.load_state_dict(weights)
@@ -3697,7 +3710,7 @@ def calibrate_on_training_data(raw: GPT, files, ctx: Context, accum: int, local:
     rt.sync()
     t0 = time.perf_counter()
     batches = training_calibration_batches(files, ctx, local, rt.world_size * accum)
-    hessians = collect_hessians(raw, batches, rt)
+    hessians = collect_hessians(raw, batches, rt, ctx.log)
     rt.sync()
     calib_s = time.perf_counter() - t0
     total = elapsed_s + calib_s
@@ -3784,8 +3797,12 @@ def train(ctx: Context, raw: GPT, switches: list[Switch], files, val: Validation
             raise TrainingDiverged(divergence_message(step, loss, mult, args))
         if step <= 10 or step % args.train_log_every == 0:
             mean_loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+            # the step the run will stop at if the mean step time so far holds
+            at_cap = (f" est_steps_at_cap:{min(args.iterations, int(cap_s * step / max(elapsed_s, 1e-9)))}"
+                      if cap_s > 0 else "")
             log(f"step:{step}/{args.iterations} train_loss:{mean_loss.item():.4f} "
-                f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / step:.2f}ms lr_mult:{mult:.4f}")
+                f"train_time:{1000 * elapsed_s:.0f}ms step_avg:{1000 * elapsed_s / step:.2f}ms lr_mult:{mult:.4f}"
+                + at_cap)
         # Stop when the next step would cross the cap, so training never runs past it (a forced
         # stop step let a public record train past 600 s).
         if cap_s > 0 and elapsed_s + last_step_s > cap_s and step < args.iterations:
@@ -3835,6 +3852,8 @@ def write_artifact(raw: GPT, switches: list[Switch], ctx: Context, hessians=None
     code = shipped_code(args)
     if ctx.rt.master:
         t0 = time.perf_counter()
+        log(f"artifact: quantising{' with GPTQ' if hessians else ''}, then packing with {args.compressor} "
+            f"(level {args.compress_level}; one call, no progress until it returns)")
         qstate = quantize_state_dict(raw.state_dict(), args, hessians, log)
         blob = pack_within_cap(qstate, artifact_meta(args, switches), args, len(code), log)
         atomic_write_bytes(path, blob)
@@ -3974,7 +3993,7 @@ def run_training(ctx: Context, train_files, val: ValidationSet) -> int:
         sequences = list(selfgen_calibration_batches(raw, ctx))  # sampled with the model as trained
         recurrence = next((s for s in switches if s.name == "looping"), None)
         with recurrence.off(raw) if recurrence else nullcontext():  # Hessians of single passes (PR #1658)
-            hessians = collect_hessians(raw, sequences, rt)
+            hessians = collect_hessians(raw, sequences, rt, log)
         log(f"gptq_calibration: {args.gptq_calib_seqs} self-generated sequences of {args.gptq_selfgen_len} tokens "
             f"(the first {args.gptq_selfgen_len - 1} read) "
             f"in {time.perf_counter() - t0:.1f}s (no training data)")

@@ -6,10 +6,11 @@
 The folder gets `train_gpt.py` (the code the runs counted: the self-extracting copy when they used
 SELF_EXTRACT=1, with the readable source beside it as `train_gpt_readable.py`), `train_seed<S>.log`
 for every run, `submission.json` (the mean score over the seeds, every seed's numbers, the worst
-bytes and times), `requirements.txt` and a README skeleton with the results table, the settings
-and the launch command. The runs must come from the same script and the same settings, apart from
-the seed; the script is taken from the logs (each log holds the source and its sha256), so what is
-submitted is exactly what ran. The folder is built beside its destination and renamed into place.
+bytes and times), `requirements.txt`, `runs.png` (the seeds' training curves, stage scores, TTT
+chunks and bytes, drawn by plot_runs.py) and a README skeleton with the results table, the
+picture, the settings and the launch command. The runs must come from the same script and the same
+settings, apart from the seed; the script is taken from the logs (each log holds the source and its
+sha256), so what is submitted is exactly what ran. The folder is built beside its destination and renamed into place.
 """
 
 import argparse
@@ -27,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from plot_runs import PER_RUN, plot_runs  # noqa: E402
 from significance import UsageError, mean_std, read_run  # noqa: E402
 from train_gpt import without_docs  # noqa: E402  (what the packed copy holds)
 
@@ -35,8 +37,6 @@ DUMP_LINE = re.compile(r"^  ([A-Z][A-Z0-9_]*)=(.*)  \((default|env|preset [\w-]+
 SCRIPT_LINE = re.compile(r"^script: \S+ sha256:([0-9a-f]{64}) bytes:(\d+)$", re.M)
 SOURCE_START = "=" * 40 + " source " + "=" * 40 + "\n"
 SOURCE_END = "\n" + "=" * 88 + "\n"
-# Differ between the seeds of one submission without changing what is trained.
-PER_RUN = {"SEED", "RUN_ID", "OUT_DIR", "SUBMISSION_NAME", "AUTHOR", "GITHUB_ID", "BLURB"}
 PACKED_SOURCE = re.compile(r'b85decode\("([^"]*)"\)')
 
 
@@ -165,6 +165,7 @@ def readme_text(doc: dict, runs: list[dict], command: str, packed: bool) -> str:
              + (" (the self-extracting copy; `train_gpt_readable.py` is the same source, readable)" if packed else ""),
              "- `train_seed<S>.log`: every run's full log (settings, versions, source, every line)",
              "- `submission.json`: the mean over the seeds and every seed's numbers",
+             "- `runs.png`: the picture above (`python records/plot_runs.py <run folders> --out runs.png`)",
              "- `requirements.txt`: the Python packages (flash-attn for GPU: see the project README)"]
     return "\n".join([
         f"# {doc.get('name') or 'TODO: name'}",
@@ -181,6 +182,9 @@ def readme_text(doc: dict, runs: list[dict], command: str, packed: bool) -> str:
         "",
         "Significance against the current record (the challenge asks for 0.005 nats at p < 0.01):",
         "`python records/significance.py --record-val-bpb <record> train_seed*.log`",
+        "",
+        "![training loss by step and by time, val_bpb of each stage, TTT bpb per chunk, artifact bytes; "
+        "mean over the seeds, band min..max](runs.png)",
         "",
         "## Reproduce",
         "",
@@ -220,6 +224,7 @@ def make_record(run_dirs: list[Path], out: Path, meta: dict, force: bool = False
             (tmp / "train_gpt_readable.py").write_text(readable, encoding="utf-8")
         for r in runs:
             shutil.copyfile(r["log"], tmp / f"train_seed{r['submission']['seed']}.log")
+        plot_runs(run_dirs, tmp / "runs.png", lambda msg: print(f"warning: {msg}", file=sys.stderr))
         (tmp / "submission.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(ROOT / "requirements.txt", tmp / "requirements.txt")
         (tmp / "README.md").write_text(readme_text(doc, runs, launch_command(runs[0]), readable is not None),

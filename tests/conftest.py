@@ -31,6 +31,19 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def two_seeds(tiny_data, tmp_path_factory) -> list[Path]:
+    """Two finished tiny runs of one configuration (seeds 7 and 8), every stage on, late QAT switching
+    on in the warm-down; shared by the records-folder and plot tests."""
+    runs = []
+    for seed in (7, 8):
+        out = tmp_path_factory.mktemp(f"seed{seed}")
+        proc = run_script(tiny_env(tiny_data, out, SEED=seed, LATE_QAT_THRESHOLD=0.6))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(out)
+    return runs
+
+
 def tiny_env(data: Path, out_dir: Path, **overrides) -> dict:
     """Variables for a 2-layer, 32-wide model that trains 5 steps in a few seconds."""
     env = dict(

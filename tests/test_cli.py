@@ -4,6 +4,7 @@ and one clear line for each kind of bad input."""
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -37,6 +38,7 @@ def test_run_writes_every_output(finished_run):
     assert f"val_bpb:{sub['val_bpb']:.8f}" in log
     assert log_values(log, "val_tokens")[-1] == str(sub["val_tokens"])
     assert "did you mean MATRIX_LR" in proc.stderr and "did you mean MATRIX_LR" in log
+    assert not re.findall(r"^step:.*est_steps_at_cap", log, re.M)  # no wall-clock cap, no estimate
 
 
 def test_eval_only_reproduces_the_score(finished_run, tiny_data, tmp_path):
@@ -57,6 +59,13 @@ def test_wallclock_cap_stops_training(tiny_data, tmp_path):
     assert "stopping_early: wallclock_cap" in proc.stdout
     sub = json.loads((tmp_path / "submission.json").read_text())
     assert 1 < sub["train_seconds"] <= 3 and 10 < sub["steps"] < 1_000_000  # never past the cap
+    # every step line estimates the stop step from the mean step time so far (budget: 3 - 1 s of GPTQ)
+    lines = re.findall(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms .* est_steps_at_cap:(\d+)$", proc.stdout, re.M)
+    assert len(lines) == len(re.findall(r"^step:\d+/\d+ train_loss:", proc.stdout, re.M)) >= 10
+    for step, ms, est in lines:
+        assert abs(int(est) - 2.0 * int(step) / (int(ms) / 1000)) <= 1 + int(est) / int(ms)  # ms are rounded
+    last_step_line = int(lines[-1][0])
+    assert abs(int(lines[-1][2]) - last_step_line) <= max(2, 0.2 * last_step_line)  # at the end: where it stopped
 
 
 def test_compile_warmup_leaves_no_trace(tiny_data, tmp_path):

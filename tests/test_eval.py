@@ -1,7 +1,7 @@
 """Evaluation: the sliding window scores every target once with its full allowed
 context (checked by brute force), score-first TTT is legal (earlier chunks are bit-identical when a
-later chunk changes; a chunk is scored before any update that used it), and 2 processes give what
-1 process gives, for the sliding window and TTT alike."""
+later chunk changes; a chunk is scored before any update that used it), 2 processes give what
+1 process gives, for the sliding window and TTT alike, and a long stage reports its progress."""
 
 import copy
 import json
@@ -14,8 +14,9 @@ import torch
 
 from conftest import log_values, run_script, tiny_env
 from test_model import randomize, tiny_args
-from train_gpt import (CPU_RUNTIME_FOR_TESTS, GPT, ByteTables, Context, ValidationSet, eval_windows, evaluate,
-                       evaluate_ttt, read_shard, ttt_frozen, ttt_lr_at, ttt_train_chunk, window_sums, write_shard)
+from train_gpt import (CPU_RUNTIME_FOR_TESTS, GPT, ByteTables, Context, Progress, ValidationSet, eval_windows,
+                       evaluate, evaluate_ttt, read_shard, ttt_frozen, ttt_lr_at, ttt_train_chunk, window_sums,
+                       write_shard)
 
 
 def on_cpu(args) -> Context:
@@ -201,3 +202,24 @@ def test_two_processes_and_legality_end_to_end(artifact, tiny_data, tmp_path):
                      for d in ("two", "changed"))
     assert [r["nll"] for r in after[:k]] == [r["nll"] for r in before[:k]]
     assert after[k]["nll"] != before[k]["nll"]
+
+
+def test_progress_reports_long_stages_only():
+    """A fake clock, one second per item: a 12-item stage with a 5 s interval says where it is at
+    items 5 and 10, with the time left at the rate so far; a 4-item stage (and the last item) says
+    nothing."""
+    now = [0.0]
+    lines = []
+    long = Progress(lines.append, "ttt", 12, every_s=5.0, clock=lambda: now[0])
+    for done in range(1, 13):
+        now[0] += 1.0
+        long.update(done)
+    assert lines == ["ttt: 5/12 (42%, eta 7s)", "ttt: 10/12 (83%, eta 2s)"]
+    lines.clear()
+    now[0] = 0.0
+    short = Progress(lines.append, "gptq calibration", 4, every_s=5.0, clock=lambda: now[0])
+    for done in range(1, 5):
+        now[0] += 1.0
+        short.update(done)
+    assert lines == []
+    Progress(None, "other ranks", 3, every_s=0.0).update(1)  # no log: nothing, not an error

@@ -452,11 +452,13 @@ def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
     lines = []
     monkeypatch.setattr(train_gpt, "CAP_BYTES", 10)  # nothing fits: the smallest of all five
     blob = train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)
-    assert len(blob) == min(sizes.values()) and len(lines) == 4
+    assert len(blob) == min(sizes.values()) and len(lines) == 8  # a start line and a done line for each
+    assert all(x.startswith("artifact: packing with ") for x in lines[::2])
+    assert all(re.search(r" in \d+\.\ds$", x) for x in lines[1::2])  # the done line has the seconds
     monkeypatch.setattr(train_gpt, "CAP_BYTES", sizes["brotli"])  # brotli fits: the search stops there
     lines.clear()
     assert COMPRESSORS[train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)[5]] == "brotli"
-    assert len(lines) == 1  # only brotli was tried
+    assert len(lines) == 2  # only brotli was tried
     monkeypatch.setattr(train_gpt, "CAP_BYTES", 10 ** 9)  # zlib fits: nothing else is tried
     lines.clear()
     assert len(train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)) == sizes["zlib"] and not lines
@@ -466,7 +468,7 @@ def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
     monkeypatch.setattr(train_gpt, "CAP_BYTES", 10)
     lines.clear()
     train_gpt.pack_within_cap(qstate, {}, args.replace("test", compressor="zstd", compress_level=1), 0, lines.append)
-    assert [line.split("; ")[1].split(":")[0] for line in lines] == ["brotli", "lzma", "zstd", "zpaq"]
+    assert [line.split("; ")[1].split(":")[0] for line in lines[1::2]] == ["brotli", "lzma", "zstd", "zpaq"]
     real = train_gpt.compress
 
     def no_brotli(data, name, level):
@@ -477,7 +479,7 @@ def test_over_the_cap_the_artifact_tries_the_other_compressors(monkeypatch):
     monkeypatch.setattr(train_gpt, "compress", no_brotli)
     lines.clear()
     blob = train_gpt.pack_within_cap(qstate, {}, args, 0, lines.append)
-    assert "brotli skipped (No module named 'brotli')" in lines[0]
+    assert "brotli skipped (No module named 'brotli')" in lines[1]  # after its start line
     assert len(blob) == min(sizes[c] for c in COMPRESSORS if c != "brotli")
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script, tiny_env
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "records"))
 import make_record  # noqa: E402
@@ -84,22 +84,11 @@ def test_significance_bad_input(tmp_path, capsys):
     assert "did the run finish" in capsys.readouterr().err
 
 
-# ---- the records-folder command on real runs
-@pytest.fixture(scope="module")
-def two_seeds(tiny_data, tmp_path_factory):
-    runs = []
-    for seed in (7, 8):
-        out = tmp_path_factory.mktemp(f"seed{seed}")
-        proc = run_script(tiny_env(tiny_data, out, SEED=seed, TTT_ENABLED=0))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(out)
-    return runs
-
-
+# ---- the records-folder command on real runs (two_seeds: conftest.py)
 def test_make_record_from_two_seeds(two_seeds, tmp_path):
     out = tmp_path / "records" / "2026-11-25_tiny"
     assert make_record.main([*map(str, two_seeds), "--out", str(out), "--name", "Tiny", "--author", "Me"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "requirements.txt", "submission.json",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "requirements.txt", "runs.png", "submission.json",
                                                      "train_gpt.py", "train_gpt_readable.py",
                                                      "train_seed7.log", "train_seed8.log"]
     subs = [json.loads((d / "submission.json").read_text()) for d in two_seeds]
@@ -122,6 +111,7 @@ def test_make_record_from_two_seeds(two_seeds, tmp_path):
     assert "| 7 | 5 |" in readme and "| 8 | 5 |" in readme
     assert "PRESET=smoke " in readme and " NUM_LAYERS=2 " in readme and "SEED=<seed> torchrun" in readme
     assert "| `MODEL_DIM` | `32` | env |" in readme
+    assert "](runs.png)" in readme and (out / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.parent.glob(".2026-11-25_tiny.*"))  # no temporary folder left behind
     (out / "stale.txt").write_text("from an earlier attempt")
     assert make_record.main([*map(str, two_seeds), "--out", str(out), "--force"]) == 0
