@@ -42,6 +42,15 @@ def test_eval_bench_quick(tmp_path):
     assert doc["sliding_tokens_per_s"] > 0 and doc["ttt_tokens_per_s"] > 0
 
 
+def test_ttt_bench_quick(tmp_path):
+    out = tmp_path / "ttt.json"
+    run_bench("ttt_bench.py", "--quick", "--out", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["hint_tokens"] == 100_000 and 0 < doc["hinted_share"] < 1
+    assert doc["sliding_ttt"]["tokens_per_s"] > 0 and doc["doc_lora_ttt"]["tokens_per_s"] > 0
+    assert doc["doc_lora_ttt"]["settings"]["NGRAM_TILT"] == "1"
+
+
 def test_pack_bench_quick(tmp_path):
     """Every packing is read back inside the benchmark; here: all five rows, and no packing below the
     integers' order-0 entropy (the artifact holds them and more)."""

@@ -13,7 +13,7 @@ import torch
 from conftest import run_script, tiny_env
 from test_eval import on_cpu, tiny_tables
 from test_model import randomize, tiny_args
-from train_gpt import (GPT, BOS_ID, DocLoRA, ValidationSet, document_spans, doc_queue, evaluate, evaluate_doc_ttt,
+from train_gpt import (GPT, BOS_ID, ConfigError, DocLoRA, ValidationSet, document_spans, doc_queue, evaluate, evaluate_doc_ttt,
                        ngram_hints, phase_pauses, tilted_nll)
 
 DOC_ENV = dict(NUM_LAYERS="2", EVAL_SEQ_LEN="32", TTT_ENABLED="1", TTT_MODE="doc_lora", TTT_DOC_CHUNK="8",
@@ -183,6 +183,17 @@ def test_doc_ttt_beats_no_adaptation(doc_setup):
     _, result, _, args = run_doc_ttt(model, val, TTT_PHASE_DOCS="0")
     plain = evaluate(model, ValidationSet.from_tables(val, tiny_tables()), on_cpu(args))
     assert result.nll != pytest.approx(plain.nll, rel=1e-6)
+
+
+def test_doc_lora_settings_are_checked():
+    with pytest.raises(ConfigError, match="TTT_LORA_RANK is set, but only TTT_ENABLED=1 TTT_MODE=doc_lora reads it"):
+        tiny_args(TTT_ENABLED="1", TTT_LORA_RANK="8")
+    with pytest.raises(ConfigError, match="NGRAM_ORDER is set, but only NGRAM_TILT=1"):
+        tiny_args(**dict(DOC_ENV, NGRAM_ORDER="8"))
+    with pytest.raises(ConfigError, match="TTT_DOC_CHUNK=48 must be at most EVAL_SEQ_LEN=32"):
+        tiny_args(**dict(DOC_ENV, TTT_DOC_CHUNK="48"))
+    with pytest.raises(ConfigError, match="TTT_LORA_TARGETS names kk"):
+        tiny_args(**dict(DOC_ENV, TTT_LORA_TARGETS="q,kk"))
 
 
 # --- the n-gram tilt
