@@ -2765,7 +2765,9 @@ def score_doc_batch(model: GPT, lora: DocLoRA, optimizer, val: ValidationSet, sp
         targets = index[:, 1:][:, first:]
         p = pos[None, first:-1]
         scored = (p >= meta[:, 2:3]) & (p < meta[:, 2:3] + meta[:, 3:4])
-        with ctx.rt.autocast():
+        # a document's last chunk trains nothing; the others are full, and start at one column
+        train = [c < -(-(spans[i][1] - 1) // C) - 1 for i in batch] + [False] * (rows - len(batch))
+        with ctx.rt.autocast(), torch.set_grad_enabled(any(train)):
             logits = model.forward_logits(x, first, lora=lora)
         logp = torch.log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(-1, y[..., None]).squeeze(-1)
@@ -2780,8 +2782,7 @@ def score_doc_batch(model: GPT, lora: DocLoRA, optimizer, val: ValidationSet, sp
             sums[2] += (val.target_bytes[targets] * scored).sum()
             if scores is not None:
                 scores[targets[scored]] = final[scored].double()
-        train = [c < -(-(spans[i][1] - 1) // C) - 1 for i in batch] + [False] * (rows - len(batch))
-        if any(train):  # a document's last chunk trains nothing; the others are full, at one column
+        if any(train):
             lo = wins[train.index(True)][2] - first
             weight = torch.tensor(train, dtype=torch.float32, device=device)
             loss = (nll[:, lo:lo + C].mean(1) * weight).sum()
@@ -3852,8 +3853,9 @@ def write_artifact(raw: GPT, switches: list[Switch], ctx: Context, hessians=None
     code = shipped_code(args)
     if ctx.rt.master:
         t0 = time.perf_counter()
-        log(f"artifact: quantising{' with GPTQ' if hessians else ''}, then packing with {args.compressor} "
-            f"(level {args.compress_level}; one call, no progress until it returns)")
+        level = "its maximum level" if args.compress_level == -1 else f"level {args.compress_level}"
+        log(f"artifact: quantising{' with GPTQ' if hessians else ''}, then packing with {args.compressor} at "
+            f"{level} (one call: no progress until it returns)")
         qstate = quantize_state_dict(raw.state_dict(), args, hessians, log)
         blob = pack_within_cap(qstate, artifact_meta(args, switches), args, len(code), log)
         atomic_write_bytes(path, blob)

@@ -350,14 +350,15 @@ def docstrings_dropped(tree: ast.AST) -> str:
 
 def test_packed_code_is_the_same_program_and_fits_its_budget():
     """The self-extracting copy packs the script without docstrings and comments: the same syntax tree
-    otherwise, and at most 48,000 counted bytes for the default preset (the size before the frontier
-    features; every byte of code is a byte the weights cannot use)."""
+    otherwise, and at most 54,000 counted bytes for the default preset (48,000 before the frontier's
+    evaluation, whose per-document TTT and n-gram tilt took 4.4 KB; every byte of code is a byte the
+    weights cannot use)."""
     source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
     stripped = without_docs(source)
     assert docstrings_dropped(ast.parse(stripped)) == docstrings_dropped(ast.parse(source))
     assert '"""' not in stripped and "\n#" not in stripped and without_docs(stripped) == stripped
     code = shipped_code(Hyperparameters.from_env({"PRESET": "pr2005"}))
-    assert len(code) <= 48_000, f"the counted code grew to {len(code)} bytes"
+    assert len(code) <= 54_000, f"the counted code grew to {len(code)} bytes"
 
 
 @pytest.mark.parametrize("calib", ["train", "selfgen"])
