@@ -450,8 +450,8 @@ class Hyperparameters:
                  "ttt_mode": (self.ttt_enabled, "TTT_ENABLED=1")}
         doc_lora = self.ttt_enabled and self.ttt_mode == "doc_lora"
         for name in ("ttt_lora_targets", "ttt_lora_rank", "ttt_lora_alpha", "ttt_lora_lr", "ttt_lora_beta2",
-                     "ttt_lora_wd", "ttt_doc_chunk", "ttt_doc_batch", "ttt_doc_lanes", "ttt_phase_docs", "ttt_phases", "ngram_tilt",
-                     "ngram_order", "ngram_threshold", "ngram_boost"):
+                     "ttt_lora_wd", "ttt_doc_chunk", "ttt_doc_batch", "ttt_doc_lanes", "ttt_phase_docs", "ttt_phases",
+                     "ngram_tilt", "ngram_order", "ngram_threshold", "ngram_boost"):
             needs[name] = (doc_lora, "TTT_ENABLED=1 TTT_MODE=doc_lora")
         for name in ("ngram_order", "ngram_threshold", "ngram_boost"):
             needs[name] = (doc_lora and self.ngram_tilt, "NGRAM_TILT=1 with TTT_MODE=doc_lora")
@@ -2663,6 +2663,9 @@ def phase_pauses(queue: list, args: Hyperparameters) -> list[tuple[int, int]]:
     return pauses
 
 
+NGRAM_HASH_MULT = 0x100000001B3  # the 64-bit FNV prime: odd, so the hash is a bijection per step
+
+
 def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Tensor:
     """NGRAM_TILT's hint for every position: the token that most often followed the same ORDER-1
     tokens earlier in the stream, when it did in at least `threshold` of those occurrences; -1
@@ -2697,9 +2700,6 @@ def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Ten
     fire = ~first & (prev_top.float() / seen.clamp(min=1).float() >= threshold)
     hints[width + order_] = torch.where(fire, prev_token, -1)
     return hints
-
-
-NGRAM_HASH_MULT = 0x100000001B3  # the 64-bit FNV prime: odd, so the hash is a bijection per step
 
 
 def occurrence_index(values: torch.Tensor) -> torch.Tensor:
@@ -2740,7 +2740,8 @@ def chunk_windows(spans: list, batch: list[int], c: int, args: Hyperparameters) 
 
 
 def score_doc_batch(model: GPT, lora: DocLoRA, optimizer, val: ValidationSet, spans: list, batch: list[int],
-                    ctx: Context, hints: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
+                    ctx: Context, hints: torch.Tensor | None = None,
+                    scores: torch.Tensor | None = None) -> torch.Tensor:
     """One batch of documents, chunk by chunk: score the chunk (sums [nll, tokens, bytes]), then one
     AdamW step of every document that has a later chunk on the mean NLL of this one, summed over
     the documents. With hints, the scored NLL is tilted (the training loss is not). `scores`, when
@@ -2852,7 +2853,7 @@ def evaluate_doc_ttt(model: GPT, val: ValidationSet, ctx: Context, chunks_path: 
             t0 = time.perf_counter()
             lane = q % lanes
             if lane not in adapters:
-                seed = args.seed * 10_000 + phase * 100 + lane  # the same lane gets the same A on any rank
+                seed = (args.seed * 1_000 + phase) * 100_000 + lane  # a lane gets the same A on any rank
                 adapters[lane] = DocLoRA(model, rows, args, torch.Generator().manual_seed(seed)).to(rt.device)
             lora = adapters[lane]
             _, batch = queue[q]
