@@ -1836,7 +1836,9 @@ class GPT(nn.Module):
         """The final normalised hidden states (B, T, d). With DOC_ISOLATION, attention stays inside
         each document, cut every segment_len tokens when > 0 (a packed training row). lora: per-document
         adapters, one set per layer pass (a layer the recurrence runs again has one set per pass)."""
-        segments = document_segments(input_ids, segment_len) if self.args.doc_isolation else None
+        # A per-document TTT row (lora given) holds one document's window and padding after it: causal
+        # attention is already document isolation there, and needs no segments.
+        segments = document_segments(input_ids, segment_len) if self.args.doc_isolation and lora is None else None
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
@@ -2754,8 +2756,8 @@ def score_doc_batch(model: GPT, lora: DocLoRA, optimizer, val: ValidationSet, sp
     for c in range(n_chunks):
         wins = chunk_windows(spans, batch, c, args) + [(0, 0, 0, 0)] * (rows - len(batch))
         meta = torch.tensor(wins, dtype=torch.long).to(device)
-        # padded to a multiple of 128 (causal: the padding cannot reach a scored position), so that a
-        # compiled model sees a few shapes, not one per chunk
+        # padded to a multiple of 128 (causal: the padding cannot reach a scored position): a few
+        # lengths, not one per chunk, should a compiled graph specialise on them
         width = min(-(-max(w[1] for w in wins) // 128) * 128, args.eval_seq_len)
         first = min(w[2] for w in wins if w[1])  # positions before it are context only
         pos = torch.arange(width + 1, device=device)
@@ -2840,6 +2842,9 @@ def evaluate_doc_ttt(model: GPT, val: ValidationSet, ctx: Context, chunks_path: 
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
+    scoring_hidden = model.__dict__.get("hidden")  # compile_for_scoring's graph of fixed shapes
+    if rt.compile:  # windows of every width: one graph with a dynamic length (as PR #1855 compiled its TTT)
+        model.hidden = torch.compile(GPT.hidden.__get__(model), dynamic=True)
     rows, lanes = min(args.ttt_doc_batch, len(spans)), args.ttt_doc_lanes
     if rt.world_size > lanes and rt.master:
         ctx.log(f"WARNING: TTT_DOC_LANES={lanes} < {rt.world_size} processes: ranks {lanes}.. score nothing")
@@ -2883,6 +2888,8 @@ def evaluate_doc_ttt(model: GPT, val: ValidationSet, ctx: Context, chunks_path: 
         atomic_write_text(chunks_path, "".join(json.dumps(r) + "\n" for r in records))
     for name, p in model.named_parameters():
         p.requires_grad_(trainable[name])
+    if scoring_hidden is not None:
+        model.hidden = scoring_hidden
     rt.sync()
     result = EvalResult(total[0].item(), int(total[1].item()), int(total[2].item()), time.perf_counter() - t_start)
     return result, records

@@ -5,6 +5,7 @@ the tilt is a normalised distribution (brute force over the vocabulary) and its 
 the token they hint or later ones (a brute-force count of the same tables)."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -13,8 +14,9 @@ import torch
 from conftest import run_script, tiny_env
 from test_eval import on_cpu, tiny_tables
 from test_model import randomize, tiny_args
-from train_gpt import (GPT, BOS_ID, ConfigError, DocLoRA, ValidationSet, document_spans, doc_queue, evaluate, evaluate_doc_ttt,
-                       ngram_hints, phase_pauses, tilted_nll)
+from train_gpt import (BOS_ID, CPU_RUNTIME_FOR_TESTS, GPT, ConfigError, Context, DocLoRA, ValidationSet,
+                       compile_for_scoring, doc_queue, document_spans, evaluate, evaluate_doc_ttt, ngram_hints,
+                       phase_pauses, tilted_nll)
 
 DOC_ENV = dict(NUM_LAYERS="2", EVAL_SEQ_LEN="32", TTT_ENABLED="1", TTT_MODE="doc_lora", TTT_DOC_CHUNK="8",
                TTT_DOC_BATCH="4", TTT_LORA_RANK="4", TTT_LORA_LR="0.01", TTT_PHASE_DOCS="12", TTT_PHASES="2",
@@ -174,6 +176,34 @@ def test_adapters_start_as_the_identity_and_train(doc_setup):
     no_k = DocLoRA(model, 3, tiny_args(**dict(DOC_ENV, TTT_LORA_TARGETS="q,v,o,mlp,head")),
                    torch.Generator().manual_seed(0))
     assert set(no_k.slots[0]) == {"q", "v", "o", "mlp"} and set(no_k.final) == {"head"}
+
+
+def test_compiled_doc_ttt_is_one_dynamic_graph_with_the_eager_scores(doc_setup, monkeypatch):
+    """With COMPILE on, the per-document TTT compiles the transformer body with a dynamic length (its
+    windows grow chunk by chunk: here 128 and 256 tokens wide), not once per width: Dynamo's
+    graphs counted with a backend that runs them eagerly (one that scores only, one that trains), and
+    the scores equal the eager run's."""
+    model, val = doc_setup
+    assert max(n for _, n in document_spans(val)) > 130  # a document needs windows of both widths
+    eager, result, _, args = run_doc_ttt(model, val, TTT_PHASE_DOCS="0", EVAL_SEQ_LEN="300")
+    graphs, compile_ = [], torch.compile
+
+    def counting(fn, **kw):
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        return compile_(fn, backend=backend, **kw)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", counting)
+    scores = torch.full((len(val),), float("nan"), dtype=torch.float64)
+    ctx = Context(args, dataclasses.replace(CPU_RUNTIME_FOR_TESTS, compile=True))
+    m = compile_for_scoring(copy.deepcopy(model), ctx.rt)
+    scoring_graph = m.hidden
+    compiled, _ = evaluate_doc_ttt(m, ValidationSet.from_tables(val, tiny_tables()), ctx, scores=scores)
+    assert len(graphs) == 2
+    assert compiled.nll == pytest.approx(result.nll, rel=1e-9) and torch.allclose(scores[1:], eager[1:], rtol=1e-6)
+    assert m.hidden is scoring_graph  # put back after the stage
 
 
 def test_doc_ttt_beats_no_adaptation(doc_setup):
